@@ -1,0 +1,41 @@
+# `make repro` and `make test` set up .venv themselves: a fresh clone needs only Python and make.
+PYTHON ?= python3
+VENV := .venv
+INSTALLED := $(VENV)/.installed
+# Stage commands in dvc.yaml call `python`: make it the virtual environment's.
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+
+.PHONY: venv repro test test-fast lint format bench promote clean
+
+venv: $(INSTALLED)
+
+$(INSTALLED): pyproject.toml
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install --quiet -e '.[dev]'
+	touch $@
+
+repro: $(INSTALLED)
+	dvc repro
+
+test: $(INSTALLED)
+	pytest --durations=0 --durations-min=1.0
+
+test-fast: $(INSTALLED)
+	pytest -m "not slow"
+
+lint: $(INSTALLED)
+	ruff format --check .
+	ruff check .
+
+format: $(INSTALLED)
+	ruff format .
+	ruff check --fix .
+
+bench: $(INSTALLED)
+	python -m pipeline.bench
+
+promote: $(INSTALLED)
+	python -m pipeline promote
+
+clean:
+	rm -rf checkpoints .pytest_cache .ruff_cache

@@ -1,0 +1,190 @@
+"""params.yaml -> typed, validated dataclasses. The only module that reads params.yaml.
+
+Every section and key is required and checked for type and range; unknown keys are refused, so a
+typo in params.yaml or in `dvc exp run -S` fails loudly instead of being silently ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from pipeline.errors import ConfigError
+
+PARAMS_FILE = Path("params.yaml")
+
+
+def _check(*, min: float | None = None, max: float | None = None, above: float | None = None):
+    """Range constraints for a numeric field, kept in the field's metadata."""
+    return field(metadata={"min": min, "max": max, "above": above})
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: str  # auto | torchvision | package | a local folder holding the four IDX files
+    local_dir: str  # a folder `auto` tries last; "" to skip
+    binarize: Literal["none", "dynamic"]
+    binarize_seed: int
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    hidden_dim: int = _check(min=1)
+    latent_dim: int = _check(min=1)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = _check(min=1)
+    batch_size: int = _check(min=1)
+    lr: float = _check(above=0)
+    seed: int = _check(min=0)
+    device: Literal["auto", "cpu", "cuda"]
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    iwae_samples: int = _check(min=1)
+    batch_size: int = _check(min=1)
+    active_unit_threshold: float = _check(above=0)
+    seed: int = _check(min=0)
+
+
+@dataclass(frozen=True)
+class SampleConfig:
+    n_samples: int = _check(min=1)
+    n_reconstructions: int = _check(min=1)
+    manifold_size: int = _check(min=2)
+    interpolation_rows: int = _check(min=1)
+    interpolation_steps: int = _check(min=2)
+    seed: int = _check(min=0)
+
+
+@dataclass(frozen=True)
+class MlflowConfig:
+    experiment: str
+
+
+@dataclass(frozen=True)
+class RegistryConfig:
+    model_name: str
+    metric: str
+    direction: Literal["minimize", "maximize"]
+    min_improvement: float = _check(min=0)
+
+
+@dataclass(frozen=True)
+class Params:
+    data: DataConfig
+    model: ModelConfig
+    train: TrainConfig
+    evaluate: EvaluateConfig
+    sample: SampleConfig
+    mlflow: MlflowConfig
+    registry: RegistryConfig
+
+    def flat(self) -> dict[str, Any]:
+        """`section.key -> value`, the form MLflow logs params in."""
+        return {
+            f"{section}.{key}": value
+            for section, values in dataclasses.asdict(self).items()
+            for key, value in values.items()
+        }
+
+
+def load_params(path: Path | str = PARAMS_FILE) -> Params:
+    """Read and validate params.yaml; raise ConfigError naming the first bad key."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: file not found; run from the repository root") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}: not valid YAML{where}; fix the syntax") from None
+    return parse_params(raw, source=str(path))
+
+
+def parse_params(raw: Any, source: str = "params.yaml") -> Params:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping of sections, got {type(raw).__name__}")
+    sections = {f.name: f.type for f in dataclasses.fields(Params)}
+    hints = typing.get_type_hints(Params)
+    _refuse_unknown(raw, sections, source, prefix="")
+    values = {}
+    for name in sections:
+        if name not in raw:
+            raise ConfigError(f"{source}: missing section '{name}'; add it (see the README)")
+        values[name] = _parse_section(hints[name], raw[name], source, name)
+    return Params(**values)
+
+
+def _refuse_unknown(raw: dict, allowed: dict, source: str, prefix: str) -> None:
+    for key in raw:
+        if key not in allowed:
+            raise ConfigError(
+                f"{source}: unknown key '{prefix}{key}'; allowed: {', '.join(allowed)}"
+            )
+
+
+def _parse_section(cls: type, raw: Any, source: str, section: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: section '{section}' must be a mapping of keys, got {raw!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    _refuse_unknown(raw, fields, source, prefix=f"{section}.")
+    values = {}
+    for name, f in fields.items():
+        key = f"{section}.{name}"
+        if name not in raw:
+            raise ConfigError(f"{source}: missing key '{key}'; add it (see the README)")
+        values[name] = _parse_value(hints[name], raw[name], f"{source}: {key}", f.metadata)
+    return cls(**values)
+
+
+def _parse_value(kind: Any, value: Any, key: str, limits: Any) -> Any:
+    if typing.get_origin(kind) is Literal:
+        allowed = typing.get_args(kind)
+        if value not in allowed:
+            raise ConfigError(f"{key} = {value!r} is not allowed; use one of: {', '.join(allowed)}")
+        return value
+    if kind is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key} = {value!r} must be a string")
+        return value
+    if kind is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key} = {value!r} must be an integer")
+    elif kind is float:
+        # PyYAML (YAML 1.1) reads `1e-3` as a string; accept any float literal.
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                raise ConfigError(f"{key} = {value!r} must be a number") from None
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or not math.isfinite(value)
+        ):
+            raise ConfigError(f"{key} = {value!r} must be a finite number")
+        value = float(value)
+    _check_range(value, key, limits)
+    return value
+
+
+def _check_range(value: float, key: str, limits: Any) -> None:
+    low, high, above = limits.get("min"), limits.get("max"), limits.get("above")
+    if low is not None and value < low:
+        raise ConfigError(f"{key} = {value!r} is out of range; must be >= {low}")
+    if above is not None and value <= above:
+        raise ConfigError(f"{key} = {value!r} is out of range; must be > {above}")
+    if high is not None and value > high:
+        raise ConfigError(f"{key} = {value!r} is out of range; must be <= {high}")

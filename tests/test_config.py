@@ -1,0 +1,106 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.config import Params, load_params, parse_params
+from pipeline.errors import ConfigError
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def default_raw() -> dict:
+    return yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
+
+
+def test_repository_params_are_valid() -> None:
+    params = load_params(REPO_ROOT / "params.yaml")
+    assert isinstance(params, Params)
+    assert (params.model.hidden_dim, params.model.latent_dim) == (400, 20)
+    assert params.train.lr == 0.001 and params.train.batch_size == 128
+    assert params.flat()["train.epochs"] == 10
+
+
+def test_float_written_in_exponent_form_is_accepted() -> None:
+    raw = default_raw()
+    raw["train"]["lr"] = "1e-3"  # how PyYAML reads `lr: 1e-3`
+    assert parse_params(raw).train.lr == 0.001
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "value", "message"),
+    [
+        ("train", "epochs", "ten", r"train.epochs = 'ten' must be an integer"),
+        ("train", "epochs", True, r"train.epochs = True must be an integer"),
+        ("train", "lr", "fast", r"train.lr = 'fast' must be a number"),
+        ("train", "epochs", 0, r"train.epochs = 0 is out of range; must be >= 1"),
+        ("train", "lr", -0.1, r"train.lr = -0.1 is out of range; must be > 0"),
+        (
+            "train",
+            "device",
+            "tpu",
+            r"train.device = 'tpu' is not allowed; use one of: auto, cpu, cuda",
+        ),
+        ("mlflow", "experiment", 3, r"mlflow.experiment = 3 must be a string"),
+    ],
+)
+def test_bad_values_name_key_value_and_what_is_allowed(section, key, value, message) -> None:
+    raw = default_raw()
+    raw[section][key] = value
+    with pytest.raises(ConfigError, match=message):
+        parse_params(raw)
+
+
+def test_unknown_key_is_refused() -> None:
+    raw = default_raw()
+    raw["train"]["learning_rate"] = 0.01
+    with pytest.raises(ConfigError, match=r"unknown key 'train.learning_rate'; allowed: epochs"):
+        parse_params(raw)
+
+
+def test_unknown_section_is_refused() -> None:
+    raw = default_raw()
+    raw["optimiser"] = {}
+    with pytest.raises(ConfigError, match=r"unknown key 'optimiser'"):
+        parse_params(raw)
+
+
+def test_missing_section_and_key_are_named() -> None:
+    raw = default_raw()
+    del raw["model"]
+    with pytest.raises(ConfigError, match=r"missing section 'model'"):
+        parse_params(raw)
+    raw = default_raw()
+    del raw["model"]["latent_dim"]
+    with pytest.raises(ConfigError, match=r"missing key 'model.latent_dim'"):
+        parse_params(raw)
+
+
+def test_unparsable_yaml_names_file_and_line(tmp_path: Path) -> None:
+    path = tmp_path / "params.yaml"
+    path.write_text("train:\n  epochs: [10\n")
+    with pytest.raises(ConfigError, match=r"params.yaml: not valid YAML at line \d"):
+        load_params(path)
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="file not found"):
+        load_params(tmp_path / "params.yaml")
+
+
+def test_stage_exits_2_with_one_line_and_touches_no_output(tmp_path: Path) -> None:
+    raw = default_raw()
+    raw["data"]["source"] = 42
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    existing = tmp_path / "data" / "raw" / "MNIST" / "raw" / "train-images-idx3-ubyte"
+    existing.parent.mkdir(parents=True)
+    existing.write_bytes(b"kept")
+    result = subprocess.run(
+        [sys.executable, "-m", "pipeline.download"], cwd=tmp_path, capture_output=True, text=True
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip() == "error: params.yaml: data.source = 42 must be a string"
+    assert existing.read_bytes() == b"kept"
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["raw"]

@@ -1,0 +1,86 @@
+"""Slow: the whole pipeline through `dvc repro` on real MNIST, in a fresh copy of the repository."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from pipeline import data
+from pipeline.data import raw_dir
+from pipeline.paths import RAW_ROOT, TEST_SPLIT, TRAIN_SPLIT
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+pytestmark = pytest.mark.slow
+
+
+def copy_working_tree(dest: Path) -> Path:
+    """A fresh git repository holding the working tree's files (committed or not, never ignored)."""
+    files = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        check=True,
+        text=True,
+    ).stdout.split("\0")
+    for name in filter(None, files):
+        source = REPO_ROOT / name
+        if source.is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, dest / name)
+    # A fresh clone has no run of its own: drop the lock so every stage runs.
+    (dest / "dvc.lock").unlink(missing_ok=True)
+    git = ["git", "-c", "user.name=test", "-c", "user.email=test@localhost"]
+    subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
+    subprocess.run(["git", "add", "-A"], cwd=dest, check=True)
+    subprocess.run([*git, "commit", "-qm", "copy"], cwd=dest, check=True)
+    return dest
+
+
+def dvc(repo: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    return subprocess.run(
+        ["dvc", *args], cwd=repo, env=env, capture_output=True, text=True, timeout=1800
+    )
+
+
+@pytest.fixture(scope="session")
+def reproduced(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    repo = copy_working_tree(tmp_path_factory.mktemp("pipeline"))
+    result = dvc(repo, "repro")
+    assert result.returncode == 0, result.stdout + result.stderr
+    return repo, result.stdout
+
+
+def test_every_stage_ran(reproduced: tuple[Path, str]) -> None:
+    _, output = reproduced
+    for stage in ("download", "preprocess"):
+        assert f"Running stage '{stage}'" in output
+
+
+def test_raw_files_are_the_canonical_ones(reproduced: tuple[Path, str]) -> None:
+    repo, _ = reproduced
+    data.verify_all(raw_dir(repo / RAW_ROOT))
+
+
+def test_processed_tensors(reproduced: tuple[Path, str]) -> None:
+    repo, _ = reproduced
+    train_x, train_y = data.load_split(repo / TRAIN_SPLIT)
+    test_x, _ = data.load_split(repo / TEST_SPLIT)
+    assert train_x.shape == (60000, 784) and test_x.shape == (10000, 784)
+    assert float(train_x.min()) == 0.0 and float(train_x.max()) == 1.0
+    assert sorted(set(train_y.tolist())) == list(range(10))
+
+
+def test_second_repro_changes_nothing(reproduced: tuple[Path, str]) -> None:
+    repo, _ = reproduced
+    again = dvc(repo, "repro")
+    assert again.returncode == 0
+    assert "Running stage" not in again.stdout
+    assert "Data and pipelines are up to date" in again.stdout
+    status = dvc(repo, "status")
+    assert "up to date" in status.stdout, status.stdout
