@@ -244,3 +244,9 @@ def load_split(path: Path, device: str | torch.device = "cpu") -> tuple[torch.Te
         raise DataError(f"{path}: not found; run `dvc repro preprocess` first") from None
     images = data["images"].to(device).reshape(len(data["images"]), -1).float() / 255.0
     return images, data["labels"].to(device)
+
+
+def binarize_once(images: torch.Tensor, seed: int) -> torch.Tensor:
+    """A fixed Bernoulli(pixel) sample: the binarised test set of dynamic binarisation."""
+    generator = torch.Generator(images.device).manual_seed(seed)
+    return torch.bernoulli(images, generator=generator)

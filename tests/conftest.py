@@ -46,3 +46,58 @@ def tiny_raw(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     folder = tmp_path / "tiny"
     monkeypatch.setattr(data, "FILES", tiny_mnist(folder))
     return folder
+
+
+@pytest.fixture(scope="session")
+def mlflow_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An empty, migrated MLflow SQLite store: copying it is much faster than creating one."""
+    from mlflow.tracking import MlflowClient
+
+    path = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
+    MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments()
+    return path
+
+
+@pytest.fixture
+def set_params():
+    """`set_params(folder, train={"lr": 0.01})` writes a tiny-model params.yaml into `folder`."""
+    return write_params
+
+
+def write_params(folder: Path, **overrides: dict) -> dict:
+    """params.yaml for a tiny, fast model; `overrides` maps a section to the keys it changes."""
+    import yaml
+
+    params = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
+    params["model"].update(hidden_dim=32, latent_dim=4)
+    params["train"].update(epochs=3, batch_size=32, device="cpu")
+    params["evaluate"].update(iwae_samples=8, batch_size=64)
+    for section, values in overrides.items():
+        params[section].update(values)
+    (folder / "params.yaml").write_text(yaml.safe_dump(params))
+    return params
+
+
+@pytest.fixture
+def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mlflow_template: Path) -> Path:
+    """A repository-like folder with tiny processed data, params.yaml and its own MLflow store."""
+    import shutil
+
+    import torch
+
+    from pipeline.paths import TEST_SPLIT, TRAIN_SPLIT
+
+    work = tmp_path / "work"
+    work.mkdir()
+    tiny_mnist(tmp_path / "raw", n_train=256, n_test=64)
+    for split, path in (("train", TRAIN_SPLIT), ("t10k", TEST_SPLIT)):
+        images = data.read_idx(tmp_path / "raw" / f"{split}-images-idx3-ubyte")
+        labels = data.read_idx(tmp_path / "raw" / f"{split}-labels-idx1-ubyte")
+        data.save_split(
+            work / path, torch.from_numpy(images.copy()), torch.from_numpy(labels.copy())
+        )
+    write_params(work)
+    shutil.copy(mlflow_template, work / "mlflow.db")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(work)
+    return work

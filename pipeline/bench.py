@@ -1,0 +1,108 @@
+"""`make bench`: one training epoch three ways, on the same model and machine, in one run.
+
+- ours:      the train stage's loop (one tensor on the device, a permutation sliced into batches);
+- dataloader: the idiomatic path (torchvision MNIST + ToTensor + DataLoader(128, shuffle=True));
+- floor:     the same forward and backward matrix products on one resident batch, with no
+             optimizer step and no data work: what no data pipeline can beat.
+
+Each path runs one warm-up epoch, then `--repeats` timed epochs; the best is kept. Run it on an
+idle machine: another heavy process on these cores makes every ratio meaningless.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable
+
+import torch
+from torch.utils.data import DataLoader
+from torchvision import datasets, transforms
+
+from pipeline.config import load_params
+from pipeline.data import load_split
+from pipeline.errors import reports_errors
+from pipeline.model import VAE, loss_terms
+from pipeline.paths import RAW_ROOT, TRAIN_SPLIT
+from pipeline.training import make_optimizer, train_epoch
+
+TARGET_SPEEDUP, TARGET_OVER_FLOOR = 3.5, 1.5
+
+
+def best_of(epoch: Callable[[], None], repeats: int) -> float:
+    epoch()  # warm-up: allocator, kernels, file cache
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        epoch()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def dataloader_epoch(model: VAE, optimizer: torch.optim.Optimizer, loader: DataLoader) -> None:
+    model.train()
+    for x, _ in loader:
+        recon, kl = loss_terms(model, x.view(len(x), -1))
+        loss = recon.sum() + kl.sum()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+
+def floor_epoch(model: VAE, batch: torch.Tensor, n_batches: int) -> None:
+    for _ in range(n_batches):
+        recon, kl = loss_terms(model, batch)
+        model.zero_grad(set_to_none=True)
+        (recon.sum() + kl.sum()).backward()
+
+
+@reports_errors
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    params = load_params()
+    hidden, latent = params.model.hidden_dim, params.model.latent_dim
+    batch_size = params.train.batch_size
+    torch.manual_seed(params.train.seed)
+
+    def fresh() -> VAE:
+        return VAE(hidden, latent)
+
+    images, _ = load_split(TRAIN_SPLIT)
+    n_batches = -(-len(images) // batch_size)
+    model = fresh()
+    optimizer = make_optimizer(model, params.train.lr)
+    ours = best_of(
+        lambda: train_epoch(model, optimizer, images, batch_size, False, 1, 1), args.repeats
+    )  # noqa: E501
+
+    dataset = datasets.MNIST(RAW_ROOT, train=True, download=False, transform=transforms.ToTensor())
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=True)
+    model = fresh()
+    optimizer = torch.optim.Adam(model.parameters(), lr=params.train.lr)  # as people write it
+    idiomatic = best_of(lambda: dataloader_epoch(model, optimizer, loader), args.repeats)
+
+    model = fresh()
+    floor = best_of(lambda: floor_epoch(model, images[:batch_size], n_batches), args.repeats)
+
+    speedup, over_floor = idiomatic / ours, ours / floor
+    print(
+        f"one epoch, hidden {hidden}, latent {latent}, batch {batch_size}, "
+        f"{torch.get_num_threads()} threads, best of {args.repeats}:"
+    )
+    print(f"  dataloader (torchvision + DataLoader) {idiomatic:6.2f} s")
+    print(f"  ours (one tensor, sliced)             {ours:6.2f} s")
+    print(f"  floor (matrix products only)          {floor:6.2f} s")
+    print(
+        f"  speed-up over the DataLoader path: {speedup:.2f}x (target >= {TARGET_SPEEDUP}x) "
+        f"{'ok' if speedup >= TARGET_SPEEDUP else 'MISSED'}"
+    )
+    print(
+        f"  ours / floor: {over_floor:.2f}x (target <= {TARGET_OVER_FLOOR}x) "
+        f"{'ok' if over_floor <= TARGET_OVER_FLOOR else 'MISSED'}"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,95 @@
+"""The lab's Variational Autoencoder, step by step as the handout writes it.
+
+encoder:  x -> Dense(hidden, relu) -> Dense(latent) = mu, Dense(latent) = log-variance
+sample:   z = mu + exp(0.5 * logvar) * eps,  eps ~ N(0, I)      (the reparameterisation trick)
+decoder:  z -> Dense(hidden, relu) -> Dense(784, sigmoid)
+loss:     reconstruction (BCE summed over the 784 pixels) + KL(q(z|x) || N(0, I)), per image
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipeline.files import atomic_path
+
+IMAGE_DIM = 28 * 28
+
+
+class VAE(nn.Module):
+    def __init__(self, hidden_dim: int = 400, latent_dim: int = 20) -> None:
+        super().__init__()
+        self.hidden_dim, self.latent_dim = hidden_dim, latent_dim
+        self.encoder = nn.Sequential(nn.Linear(IMAGE_DIM, hidden_dim), nn.ReLU())
+        self.to_mu = nn.Linear(hidden_dim, latent_dim)
+        self.to_logvar = nn.Linear(hidden_dim, latent_dim)
+        # The decoder ends in logits; the sigmoid is applied in the loss (stably) or in `decode`.
+        self.decoder = nn.Sequential(
+            nn.Linear(latent_dim, hidden_dim), nn.ReLU(), nn.Linear(hidden_dim, IMAGE_DIM)
+        )
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.encoder(x)
+        return self.to_mu(h), self.to_logvar(h)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Images in [0, 1]: the handout's Dense(784, sigmoid)."""
+        return torch.sigmoid(self.decoder(z))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Pixel logits of the reconstruction, and the posterior's mu and logvar."""
+        mu, logvar = self.encode(x)
+        z = reparameterize(mu, logvar)
+        return self.decoder(z), mu, logvar
+
+    def generator(self) -> nn.Sequential:
+        """A standalone copy of the decoder with its sigmoid: latent vectors in, images out."""
+        return nn.Sequential(*copy.deepcopy(self.decoder), nn.Sigmoid())
+
+
+def reparameterize(
+    mu: torch.Tensor, logvar: torch.Tensor, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
+    return mu + torch.exp(0.5 * logvar) * eps
+
+
+def reconstruction_loss(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Binary cross-entropy summed over the pixels of each image, from logits for stability."""
+    return F.binary_cross_entropy_with_logits(logits, x, reduction="none").sum(dim=-1)
+
+
+def kl_divergence(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """KL(N(mu, exp(logvar)) || N(0, I)) per image, in closed form."""
+    return kl_per_dimension(mu, logvar).sum(dim=-1)
+
+
+def kl_per_dimension(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    return -0.5 * (1 + logvar - mu.pow(2) - logvar.exp())
+
+
+def loss_terms(model: VAE, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-image reconstruction and KL terms; their sum is the negative ELBO the lab prints."""
+    logits, mu, logvar = model(x)
+    return reconstruction_loss(logits, x), kl_divergence(mu, logvar)
+
+
+def save_vae(model: VAE, path) -> None:
+    """The state_dict plus the sizes needed to rebuild the network (loadable weights-only)."""
+    state = {
+        "state_dict": model.state_dict(),
+        "hidden_dim": model.hidden_dim,
+        "latent_dim": model.latent_dim,
+    }
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def load_vae(path, device: str | torch.device = "cpu") -> VAE:
+    state = torch.load(path, weights_only=True, map_location=device)
+    model = VAE(state["hidden_dim"], state["latent_dim"]).to(device)
+    model.load_state_dict(state["state_dict"])
+    return model.eval()

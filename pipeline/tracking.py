@@ -1,0 +1,124 @@
+"""MLflow: where runs go, what a training run records, and how later stages find that run."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import torch
+from mlflow.models import infer_signature
+from mlflow.tracking import MlflowClient
+
+from pipeline.errors import PipelineError
+from pipeline.files import write_json
+
+SERVER_TIMEOUT_S = 10  # connect + read; well inside the 30 s the user is promised
+
+
+class TrackingError(PipelineError):
+    pass
+
+
+def store_root(cwd: Path | None = None) -> Path:
+    """The repository that owns the default MLflow store.
+
+    `dvc exp run --queue` runs stages in copies under <repo>/.dvc/tmp/exps/; their runs must land
+    in <repo>'s store, not in the copy that is deleted afterwards.
+    """
+    root = (cwd or Path.cwd()).resolve()
+    if ".dvc" in root.parts:
+        root = Path(*root.parts[: root.parts.index(".dvc")])
+    return root
+
+
+def tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{store_root() / 'mlflow.db'}"
+
+
+def check_reachable(uri: str) -> None:
+    """Fail in one line, within SERVER_TIMEOUT_S, when a tracking server does not answer."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=SERVER_TIMEOUT_S).close()
+    except (OSError, urllib.error.URLError) as exc:  # refused, unknown host, timeout, HTTP error
+        reason = getattr(exc, "reason", None) or type(exc).__name__
+        raise TrackingError(
+            f"MLflow tracking server {uri} did not answer ({reason}); start it, or unset "
+            "MLFLOW_TRACKING_URI to use the local store"
+        ) from None
+
+
+def connect(experiment: str) -> str:
+    """Point MLflow at the store, check that it answers, and return the experiment's id."""
+    uri = tracking_uri()
+    check_reachable(uri)
+    mlflow.set_tracking_uri(uri)
+    found = mlflow.get_experiment_by_name(experiment)
+    if found is not None:
+        return found.experiment_id
+    # Only the default local store gets an explicit artifact folder; a server decides its own.
+    location = None if "MLFLOW_TRACKING_URI" in os.environ else (store_root() / "mlruns").as_uri()
+    try:
+        return mlflow.create_experiment(experiment, artifact_location=location)
+    except mlflow.exceptions.MlflowException:  # created meanwhile by a parallel experiment
+        return mlflow.get_experiment_by_name(experiment).experiment_id
+
+
+def git_tags() -> dict[str, str]:
+    def git(*args: str) -> str:
+        result = subprocess.run(["git", *args], capture_output=True, text=True)
+        return result.stdout.strip() if result.returncode == 0 else ""
+
+    commit = git("rev-parse", "HEAD")
+    dirty = git("status", "--porcelain", "--untracked-files=no")
+    return {"git.commit": commit or "unknown", "git.dirty": str(bool(dirty)).lower()}
+
+
+def run_tags(device: torch.device) -> dict[str, str]:
+    tags = {**git_tags(), "torch.version": torch.__version__, "device": str(device)}
+    if os.environ.get("DVC_EXP_NAME"):
+        tags["dvc.exp_name"] = os.environ["DVC_EXP_NAME"]
+    return tags
+
+
+def logged_steps(run_id: str, key: str) -> set[int]:
+    return {m.step for m in MlflowClient().get_metric_history(run_id, key)}
+
+
+def log_generator(generator: torch.nn.Module, latent_dim: int) -> None:
+    """Log the decoder (latent vectors in, images out) as the run's MLflow model.
+
+    pt2 (torch.export) needs no pickle and no code from this repository to load; the -1 batch
+    dimension in the signature keeps the exported batch size dynamic.
+    """
+    example = np.random.default_rng(0).standard_normal((4, latent_dim)).astype(np.float32)
+    with torch.no_grad():
+        images = generator.cpu()(torch.from_numpy(example)).numpy()
+    mlflow.pytorch.log_model(
+        generator,
+        name="model",
+        input_example=example,
+        signature=infer_signature(example, images),
+        serialization_format="pt2",
+        # Declared, not inferred: inference loads the model in a subprocess (seconds), and a
+        # pt2 model needs nothing but torch.
+        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
+    )
+
+
+def write_run_info(path: Path, run_id: str, experiment_id: str) -> None:
+    write_json(path, {"run_id": run_id, "experiment_id": experiment_id})
+
+
+def read_run_info(path: Path) -> dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise TrackingError(f"{path}: not found; run `dvc repro train` first") from None

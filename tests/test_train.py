@@ -1,0 +1,216 @@
+import json
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from pipeline import train as train_stage
+from pipeline import training
+from pipeline.config import load_params
+from pipeline.errors import PipelineError
+from pipeline.model import load_vae
+from pipeline.paths import CHECKPOINT, RUN_INFO, TRAIN_HISTORY, TRAIN_METRICS, WEIGHTS
+from pipeline.tracking import TrackingError
+
+METRICS = (
+    "train/loss",
+    "train/recon",
+    "train/kl",
+    "test/loss",
+    "test/recon",
+    "test/kl",
+    "train/epoch_seconds",
+)  # noqa: E501
+
+
+class Crash(Exception):
+    pass
+
+
+def run_train() -> dict:
+    torch.set_num_threads(1)  # same thread count for every run compared
+    train_stage.train(load_params())
+    return json.loads(TRAIN_METRICS.read_text())
+
+
+def client() -> MlflowClient:
+    return MlflowClient(tracking_uri=f"sqlite:///{Path.cwd() / 'mlflow.db'}")
+
+
+def test_a_run_logs_every_epoch_the_grids_and_a_model_that_loads_back(workdir: Path) -> None:
+    final = run_train()
+    run_id = json.loads(RUN_INFO.read_text())["run_id"]
+    run = client().get_run(run_id)
+    for key in METRICS:
+        assert [m.step for m in client().get_metric_history(run_id, key)] == [1, 2, 3], key
+    assert run.data.metrics["train/loss"] == pytest.approx(final["train_loss"])
+    assert run.data.params["model.hidden_dim"] == "32" and run.data.params["train.lr"] == "0.001"
+    assert run.data.tags["device"] == "cpu" and "git.commit" in run.data.tags
+    assert run.data.tags["torch.version"] == torch.__version__
+    artifacts = {a.path for a in client().list_artifacts(run_id, "images")}
+    for step in (1, 2, 3):
+        assert any(
+            f"generated+step+{step}+" in path and path.endswith(".png") for path in artifacts
+        )
+    assert {a.path for a in client().list_artifacts(run_id, "figures")} == {
+        "figures/loss_curves.png"
+    }
+
+    # The logged model is the decoder: latent vectors in, images in [0, 1] out, any batch size.
+    mlflow.set_tracking_uri(f"sqlite:///{Path.cwd() / 'mlflow.db'}")
+    z = np.random.default_rng(1).standard_normal((7, 4)).astype(np.float32)
+    images = mlflow.pyfunc.load_model(f"runs:/{run_id}/model").predict(z)
+    assert images.shape == (7, 784) and images.min() >= 0 and images.max() <= 1
+    vae = load_vae(WEIGHTS)
+    expected = vae.decode(torch.from_numpy(z)).detach().numpy()
+    np.testing.assert_allclose(images, expected, atol=1e-5)
+    assert torch.allclose(
+        mlflow.pytorch.load_model(f"runs:/{run_id}/model")(torch.from_numpy(z)),
+        torch.from_numpy(expected),
+        atol=1e-5,
+    )  # noqa: E501
+
+    rows = TRAIN_HISTORY.read_text().splitlines()
+    assert rows[0].startswith("epoch,train_loss,train_recon,train_kl,test_loss")
+    assert len(rows) == 4
+    assert not CHECKPOINT.exists()  # a finished run leaves no checkpoint to resume from
+
+
+def test_same_params_and_seed_give_identical_metrics(workdir: Path) -> None:
+    first = run_train()
+    second = run_train()
+    assert first == second
+
+
+def test_resume_after_a_crash_ends_where_an_uninterrupted_run_ends(
+    workdir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    uninterrupted = run_train()
+    uninterrupted_weights = torch.load(WEIGHTS, weights_only=True)["state_dict"]
+
+    log_epoch = train_stage.log_epoch
+
+    def crash_after_epoch_2(row, *args):
+        if row.epoch == 2:
+            raise Crash  # after epoch 2's checkpoint, before its metrics reach MLflow
+        log_epoch(row, *args)
+
+    monkeypatch.setattr(train_stage, "log_epoch", crash_after_epoch_2)
+    with pytest.raises(Crash):
+        run_train()
+    assert torch.load(CHECKPOINT, weights_only=True)["epoch"] == 2
+    crashed_run = torch.load(CHECKPOINT, weights_only=True)["run_id"]
+
+    monkeypatch.setattr(train_stage, "log_epoch", log_epoch)
+    resumed = run_train()
+    assert resumed == uninterrupted
+    weights = torch.load(WEIGHTS, weights_only=True)["state_dict"]
+    assert all(torch.equal(weights[k], uninterrupted_weights[k]) for k in weights)
+    assert json.loads(RUN_INFO.read_text())["run_id"] == crashed_run
+    steps = [m.step for m in client().get_metric_history(crashed_run, "train/loss")]
+    assert steps == [1, 2, 3]  # epoch 2 logged on resume, and only once
+
+
+def test_a_stale_checkpoint_of_other_params_is_not_resumed(
+    workdir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, set_params
+) -> None:
+    log_epoch = train_stage.log_epoch
+    monkeypatch.setattr(train_stage, "log_epoch", lambda row, *a: (_ for _ in ()).throw(Crash))
+    with pytest.raises(Crash):
+        run_train()
+    monkeypatch.setattr(train_stage, "log_epoch", log_epoch)
+    set_params(workdir, train={"lr": 0.002})
+    resumed = run_train()
+    assert "ignoring checkpoint" in capsys.readouterr().err
+    assert json.loads(RUN_INFO.read_text())["run_id"] != ""
+    CHECKPOINT.unlink(missing_ok=True)
+    assert run_train() == resumed  # same as a run that never saw the stale checkpoint
+
+
+def test_a_nan_loss_stops_with_epoch_and_batch_and_keeps_the_last_checkpoint(
+    workdir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    WEIGHTS.parent.mkdir(parents=True)
+    WEIGHTS.write_bytes(b"previous outputs")
+    calls = {"n": 0}
+    loss_terms = training.loss_terms
+
+    def nan_in_epoch_2(model, x):
+        calls["n"] += 1
+        recon, kl = loss_terms(model, x)
+        return (recon * float("nan"), kl) if calls["n"] == 8 + 3 else (recon, kl)
+
+    monkeypatch.setattr(training, "loss_terms", nan_in_epoch_2)  # 8 batches an epoch
+    with pytest.raises(training.NonFiniteLoss, match=r"loss became nan at epoch 2, batch 3 of 8"):
+        run_train()
+    assert torch.load(CHECKPOINT, weights_only=True)["epoch"] == 1
+    assert WEIGHTS.read_bytes() == b"previous outputs"
+    assert not TRAIN_METRICS.exists()
+
+
+def test_an_unreachable_tracking_server_fails_fast_before_training(
+    workdir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
+    start = time.monotonic()
+    with pytest.raises(
+        TrackingError, match=rf"MLflow tracking server http://127.0.0.1:{port} did not answer"
+    ):  # noqa: E501
+        run_train()
+    assert time.monotonic() - start < 30
+    assert not CHECKPOINT.exists() and not WEIGHTS.exists()
+
+
+def test_cuda_requested_without_a_gpu_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(PipelineError, match="train.device = 'cuda' but no CUDA device"):
+        training.pick_device("cuda")
+    assert training.pick_device("auto") == torch.device("cpu")
+
+
+def train_process(cwd: Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "pipeline.train"], cwd=cwd, stdout=subprocess.PIPE, text=True
+    )
+
+
+@pytest.mark.slow
+def test_kill_9_mid_run_then_resume_matches_an_uninterrupted_run(
+    workdir: Path, tmp_path: Path, set_params
+) -> None:
+    set_params(workdir, train={"epochs": 12})
+    reference = tmp_path / "reference"
+    shutil.copytree(workdir, reference)
+    assert train_process(reference).wait(timeout=300) == 0
+
+    process = train_process(workdir)
+    for line in process.stdout:
+        if line.startswith("Epoch [3/12]"):
+            process.send_signal(signal.SIGKILL)
+            break
+    process.wait(timeout=60)
+    assert process.returncode == -signal.SIGKILL
+    killed_at = torch.load(CHECKPOINT, weights_only=True)["epoch"]
+    assert 3 <= killed_at < 12
+
+    resumed = train_process(workdir)
+    output = resumed.communicate(timeout=300)[0]
+    assert resumed.returncode == 0
+    assert f"resuming after epoch {killed_at}" in output
+    assert TRAIN_METRICS.read_text() == (reference / TRAIN_METRICS).read_text()
+    run_id = json.loads(RUN_INFO.read_text())["run_id"]
+    steps = [m.step for m in client().get_metric_history(run_id, "test/loss")]
+    assert steps == list(range(1, 13))
+    assert client().get_run(run_id).info.status == "FINISHED"
