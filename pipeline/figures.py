@@ -39,3 +39,54 @@ def loss_curves(history: list[dict]) -> Figure:
     fig.suptitle("VAE training curves (per-image means)")
     fig.tight_layout()
     return fig
+
+
+def titled_grid(
+    images: torch.Tensor, nrow: int, title: str, row_labels: list[str] | None = None
+) -> Figure:  # noqa: E501
+    """A digit grid (torchvision's make_grid) in a figure with a title and optional row labels."""
+    picture = digit_grid(images, nrow)
+    rows = -(-len(images) // nrow)
+    fig, ax = plt.subplots(figsize=(max(4.0, nrow * 0.45 + 1.5), rows * 0.45 + 0.9))
+    ax.imshow(picture, interpolation="nearest")
+    ax.set_title(title)
+    ax.set_xticks([])
+    if row_labels:
+        ax.set_yticks([2 + 30 * i + 14 for i in range(rows)], row_labels)
+        ax.tick_params(axis="y", length=0)
+    else:
+        ax.set_yticks([])
+    fig.tight_layout()
+    return fig
+
+
+def latent_scatter(
+    points: torch.Tensor, labels: torch.Tensor, axis_names: tuple[str, str], title: str
+) -> Figure:  # noqa: E501
+    """Latent means in 2D, one colour per digit, with a legend."""
+    fig, ax = plt.subplots(figsize=(7, 6))
+    colours = plt.get_cmap("tab10")
+    for digit in range(10):
+        chosen = labels == digit
+        ax.scatter(*points[chosen].T.cpu(), s=3, alpha=0.6, color=colours(digit), label=str(digit))
+    ax.set(title=title, xlabel=axis_names[0], ylabel=axis_names[1])
+    ax.legend(title="digit", markerscale=4, loc="center left", bbox_to_anchor=(1, 0.5))
+    fig.tight_layout()
+    return fig
+
+
+def manifold(
+    images: torch.Tensor, quantiles: torch.Tensor, axis_names: tuple[str, str], title: str
+) -> Figure:  # noqa: E501
+    """Digits decoded on a grid across a latent plane; the axes show each position's quantile."""
+    size = len(quantiles)
+    fig, ax = plt.subplots(figsize=(8, 8))
+    ax.imshow(digit_grid(images, nrow=size), interpolation="nearest")
+    ticks = [2 + 30 * i + 14 for i in range(size)]
+    step = max(1, size // 5)
+    labels = [f"{q:.2f}" for q in quantiles.tolist()]
+    ax.set_xticks(ticks[::step], labels[::step])
+    ax.set_yticks(ticks[::step], labels[::-1][::step])  # the top row holds the high quantiles
+    ax.set(title=title, xlabel=f"{axis_names[0]} (quantile)", ylabel=f"{axis_names[1]} (quantile)")
+    fig.tight_layout()
+    return fig

@@ -39,10 +39,12 @@ class VAE(nn.Module):
         """Images in [0, 1]: the handout's Dense(784, sigmoid)."""
         return torch.sigmoid(self.decoder(z))
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(
+        self, x: torch.Tensor, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Pixel logits of the reconstruction, and the posterior's mu and logvar."""
         mu, logvar = self.encode(x)
-        z = reparameterize(mu, logvar)
+        z = reparameterize(mu, logvar, generator)
         return self.decoder(z), mu, logvar
 
     def generator(self) -> nn.Sequential:
@@ -71,9 +73,11 @@ def kl_per_dimension(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     return -0.5 * (1 + logvar - mu.pow(2) - logvar.exp())
 
 
-def loss_terms(model: VAE, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def loss_terms(
+    model: VAE, x: torch.Tensor, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-image reconstruction and KL terms; their sum is the negative ELBO the lab prints."""
-    logits, mu, logvar = model(x)
+    logits, mu, logvar = model(x, generator)
     return reconstruction_loss(logits, x), kl_divergence(mu, logvar)
 
 

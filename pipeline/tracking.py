@@ -7,11 +7,14 @@ import os
 import subprocess
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import mlflow
 import numpy as np
 import torch
+from mlflow.exceptions import MlflowException
 from mlflow.models import infer_signature
 from mlflow.tracking import MlflowClient
 
@@ -67,7 +70,7 @@ def connect(experiment: str) -> str:
     location = None if "MLFLOW_TRACKING_URI" in os.environ else (store_root() / "mlruns").as_uri()
     try:
         return mlflow.create_experiment(experiment, artifact_location=location)
-    except mlflow.exceptions.MlflowException:  # created meanwhile by a parallel experiment
+    except MlflowException:  # created meanwhile by a parallel experiment
         return mlflow.get_experiment_by_name(experiment).experiment_id
 
 
@@ -122,3 +125,36 @@ def read_run_info(path: Path) -> dict:
         return json.loads(Path(path).read_text())
     except FileNotFoundError:
         raise TrackingError(f"{path}: not found; run `dvc repro train` first") from None
+
+
+@contextmanager
+def attached_run(experiment: str, run_info: Path) -> Iterator[mlflow.ActiveRun]:
+    """The MLflow run that trained the model, or a new run tagged with its id when this store
+    does not have it (outputs restored from a DVC cache made on another machine)."""
+    experiment_id = connect(experiment)
+    trained_in = read_run_info(run_info)["run_id"]
+    try:
+        MlflowClient().get_run(trained_in)
+    except MlflowException:
+        with mlflow.start_run(
+            experiment_id=experiment_id, tags={"trained_in_run": trained_in}
+        ) as run:  # noqa: E501
+            print(
+                f"MLflow run {trained_in} (from {run_info}) is not in {tracking_uri()}; "
+                f"logging to new run {run.info.run_id}, tagged trained_in_run={trained_in}"
+            )
+            yield run
+        return
+    with mlflow.start_run(run_id=trained_in) as run:
+        yield run
+
+
+def flatten_metrics(metrics: dict, prefix: str) -> dict[str, float]:
+    """{"a": 1, "b": {"c": 2}} -> {"prefix/a": 1, "prefix/b/c": 2}, the form MLflow logs."""
+    flat = {}
+    for key, value in metrics.items():
+        if isinstance(value, dict):
+            flat.update(flatten_metrics(value, f"{prefix}/{key}"))
+        else:
+            flat[f"{prefix}/{key}"] = float(value)
+    return flat

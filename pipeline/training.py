@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from pipeline.errors import PipelineError
 from pipeline.files import atomic_path
-from pipeline.model import VAE, kl_divergence, loss_terms, reconstruction_loss
+from pipeline.model import VAE, loss_terms
 
 HISTORY_FIELDS = (
     "epoch",
@@ -123,12 +123,8 @@ def evaluate_loss(
     generator = torch.Generator(images.device).manual_seed(seed)
     sums = torch.zeros(2, device=images.device)
     for x in images.split(batch_size):
-        mu, logvar = model.encode(x)
-        eps = torch.randn(mu.shape, generator=generator, device=mu.device)
-        z = mu + torch.exp(0.5 * logvar) * eps
-        sums += torch.stack(
-            [reconstruction_loss(model.decoder(z), x).sum(), kl_divergence(mu, logvar).sum()]
-        )
+        recon, kl = loss_terms(model, x, generator)
+        sums += torch.stack([recon.sum(), kl.sum()])
     recon_mean, kl_mean = (sums / len(images)).tolist()
     return recon_mean, kl_mean
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import shutil
 import subprocess
@@ -12,7 +13,7 @@ import pytest
 
 from pipeline import data
 from pipeline.data import raw_dir
-from pipeline.paths import RAW_ROOT, TEST_SPLIT, TRAIN_HISTORY, TRAIN_SPLIT
+from pipeline.paths import EVAL_METRICS, FIGURES, RAW_ROOT, TEST_SPLIT, TRAIN_HISTORY, TRAIN_SPLIT
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -73,7 +74,7 @@ def reproduced(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
 
 def test_every_stage_ran(reproduced: tuple[Path, str]) -> None:
     _, output = reproduced
-    for stage in ("download", "preprocess", "train"):
+    for stage in ("download", "preprocess", "train", "evaluate", "sample"):
         assert f"Running stage '{stage}'" in output
 
 
@@ -105,6 +106,42 @@ def test_training_reproduces_the_lab_curve(reproduced: tuple[Path, str]) -> None
     assert max(gaps) <= EACH_EPOCH_TOLERANCE, report
     assert abs(measured[-1] - LAB_CURVE[-1]) <= FINAL_TOLERANCE, report
     assert f"Epoch [10/10] Loss: {measured[-1]:.4f}" in output  # the handout's line
+
+
+def test_evaluation_metrics_are_all_there(reproduced: tuple[Path, str]) -> None:
+    repo, _ = reproduced
+    metrics = json.loads((repo / EVAL_METRICS).read_text())
+    scalars = (
+        "test_loss",
+        "test_recon",
+        "test_kl",
+        "elbo",
+        "log_px_iwae",
+        "iwae_samples",
+        "active_units",
+        "latent_dim",
+    )  # noqa: E501
+    for key in scalars:
+        assert isinstance(metrics[key], int | float), key
+    assert metrics["iwae_samples"] == 128 and metrics["latent_dim"] == 20
+    assert len(metrics["kl_per_dim"]) == 20 and len(metrics["activity_per_dim"]) == 20
+    assert sorted(metrics["loss_per_class"]) == [str(d) for d in range(10)]
+    assert metrics["log_px_iwae"] > metrics["elbo"]  # the IWAE bound is tighter than the ELBO
+    assert 100 < metrics["test_loss"] < 110 and 0 < metrics["active_units"] <= 20
+
+
+def test_figures_exist(reproduced: tuple[Path, str]) -> None:
+    repo, _ = reproduced
+    names = (
+        "generated",
+        "reconstructions",
+        "latent_space",
+        "manifold",
+        "interpolation",
+        "training_curves",
+    )  # noqa: E501
+    for name in names:
+        assert (repo / FIGURES / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
 
 
 def test_second_repro_changes_nothing(reproduced: tuple[Path, str]) -> None:
