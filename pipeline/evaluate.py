@@ -2,22 +2,45 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
+
 import mlflow
 import torch
+from mlflow.tracking import MlflowClient
 
-from pipeline import tracking
+from pipeline import registry, tracking
 from pipeline.config import Params, load_params
 from pipeline.data import binarize_once, load_split
-from pipeline.errors import reports_errors
-from pipeline.evaluation import evaluate
+from pipeline.errors import ConfigError, reports_errors
+from pipeline.evaluation import SCALAR_METRICS, evaluate
 from pipeline.files import write_json
 from pipeline.model import load_vae
 from pipeline.paths import EVAL_METRICS, RUN_INFO, TEST_SPLIT, WEIGHTS
 
 
+def register(params: Params, run_id: str, metrics: dict) -> str:
+    recipe = {
+        "data": asdict(params.data),
+        "model": asdict(params.model),
+        "train": asdict(params.train),
+    }  # noqa: E501
+    tags = {
+        "params_hash": registry.params_hash(recipe),
+        "git.commit": tracking.git_tags()["git.commit"],
+    }  # noqa: E501
+    version = registry.register(MlflowClient(), params.registry.model_name, run_id, metrics, tags)
+    return f"registered as {version.name} version {version.version} (@{registry.CANDIDATE})"
+
+
 def run_evaluation(params: Params) -> dict:
     cfg = params.evaluate
-    with tracking.attached_run(params.mlflow.experiment, RUN_INFO):
+    if params.registry.metric not in SCALAR_METRICS:
+        raise ConfigError(
+            f"registry.metric = {params.registry.metric!r} is not an evaluate metric; "
+            f"use one of: {', '.join(SCALAR_METRICS)}"
+        )
+    trained_in = tracking.read_run_info(RUN_INFO)["run_id"]
+    with tracking.attached_run(params.mlflow.experiment, RUN_INFO) as run:
         model = load_vae(WEIGHTS)
         images, labels = load_split(TEST_SPLIT)
         if params.data.binarize == "dynamic":  # the same binarised test set training reported on
@@ -34,6 +57,10 @@ def run_evaluation(params: Params) -> dict:
         write_json(EVAL_METRICS, metrics)
         mlflow.log_metrics(tracking.flatten_metrics(metrics, "eval"))
         mlflow.log_dict(metrics, "evaluation/metrics.json")
+        if run.info.run_id == trained_in:
+            print(register(params, trained_in, metrics))
+        else:
+            print("not registered: the model's MLflow run is not in this store")
     return metrics
 
 

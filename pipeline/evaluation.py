@@ -8,6 +8,8 @@ import torch
 
 from pipeline.model import VAE, kl_per_dimension, loss_terms, reconstruction_loss
 
+# The single numbers evaluate reports; registry.metric must name one of them.
+SCALAR_METRICS = ("test_loss", "test_recon", "test_kl", "elbo", "log_px_iwae", "active_units")
 ROWS_PER_CHUNK = 32768  # decoder rows (samples x images) per pass: ~100 MB of logits
 
 

@@ -1,0 +1,135 @@
+"""The MLflow model registry: every evaluated model becomes a version; the best one is @champion.
+
+Versions carry their evaluation metrics as tags (`metric.<name>`), so a promotion compares
+numbers the registry itself holds. Aliases, not the deprecated stages, mark the roles.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+
+import mlflow
+from mlflow.entities.model_registry import ModelVersion
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from pipeline.config import RegistryConfig
+from pipeline.errors import PipelineError
+
+CANDIDATE, CHAMPION = "candidate", "champion"
+
+
+class RegistryError(PipelineError):
+    pass
+
+
+def params_hash(params: dict) -> str:
+    return hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def register(
+    client: MlflowClient, name: str, run_id: str, metrics: dict, tags: dict[str, str]
+) -> ModelVersion:
+    """Make the run's model a version of `name` (once per run), tag it, and alias it @candidate."""
+    try:
+        client.get_registered_model(name)
+    except MlflowException:
+        client.create_registered_model(
+            name, description="VAE decoder: latent vectors -> MNIST digits"
+        )  # noqa: E501
+    existing = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+    version = existing[0] if existing else mlflow.register_model(f"runs:/{run_id}/model", name)
+    numbers = {f"metric.{k}": str(v) for k, v in metrics.items() if isinstance(v, int | float)}
+    for key, value in {**numbers, **tags, "evaluated": "true"}.items():
+        client.set_model_version_tag(name, version.version, key, value)
+    client.set_registered_model_alias(name, CANDIDATE, version.version)
+    return client.get_model_version(name, version.version)
+
+
+def _version(client: MlflowClient, name: str, version: str | None, alias: str) -> ModelVersion:
+    try:
+        client.get_registered_model(name)
+    except MlflowException:
+        raise RegistryError(
+            f"registered model '{name}' not found in the MLflow registry; run `dvc repro evaluate`"
+            " to register a model first"
+        ) from None
+    try:
+        if version is None:
+            return client.get_model_version_by_alias(name, alias)
+        return client.get_model_version(name, version)
+    except MlflowException:
+        what = f"version {version}" if version else f"alias @{alias}"
+        raise RegistryError(f"'{name}' has no {what}; see the versions in `mlflow ui`") from None
+
+
+def metric_of(version: ModelVersion, metric: str) -> float:
+    value = version.tags.get(f"metric.{metric}")
+    if version.tags.get("evaluated") != "true" or value is None:
+        raise RegistryError(
+            f"version {version.version} of '{version.name}' was never evaluated (no tag "
+            f"metric.{metric}); run `dvc repro evaluate` on it first"
+        )
+    return float(value)
+
+
+@dataclass
+class Decision:
+    promote: bool
+    candidate: ModelVersion
+    champion: ModelVersion | None
+    reason: str
+
+
+def decide(
+    client: MlflowClient, cfg: RegistryConfig, version: str | None = None, force: bool = False
+) -> Decision:
+    """Whether the candidate (or `version`) should become @champion, and why."""
+    candidate = _version(client, cfg.model_name, version, CANDIDATE)
+    new = metric_of(candidate, cfg.metric)
+    try:
+        champion = client.get_model_version_by_alias(cfg.model_name, CHAMPION)
+    except MlflowException:
+        champion = None
+    if champion is None:
+        return Decision(True, candidate, None, f"first champion ({cfg.metric} {new:.4f})")
+    if champion.version == candidate.version:
+        return Decision(
+            False, candidate, champion, f"version {candidate.version} is already champion"
+        )  # noqa: E501
+    old = metric_of(champion, cfg.metric)
+    gain = old - new if cfg.direction == "minimize" else new - old
+    comparison = (
+        f"{cfg.metric} {new:.4f} vs champion v{champion.version}'s {old:.4f} "
+        f"({cfg.direction}, improvement {gain:+.4f}, required > {cfg.min_improvement})"
+    )
+    if force:
+        return Decision(True, candidate, champion, f"forced; {comparison}")
+    return Decision(gain > cfg.min_improvement, candidate, champion, comparison)
+
+
+def promote(
+    client: MlflowClient,
+    cfg: RegistryConfig,
+    version: str | None = None,
+    dry_run: bool = False,
+    force: bool = False,
+) -> str:
+    """Apply the decision (unless `dry_run`) and return it as one line."""
+    decision = decide(client, cfg, version, force)
+    name, number = cfg.model_name, decision.candidate.version
+    verdict = f"promote v{number} to @{CHAMPION}" if decision.promote else f"keep @{CHAMPION}"
+    if decision.champion is not None and not decision.promote:
+        verdict += f" on v{decision.champion.version}"
+        if decision.champion.version != number:
+            verdict += f", v{number} not promoted"
+    if dry_run:
+        return f"dry run: would {verdict}: {decision.reason}"
+    if decision.promote:
+        previous = decision.champion.version if decision.champion else "none"
+        client.set_model_version_tag(name, number, "previous_champion", previous)
+        client.set_model_version_tag(name, number, "promotion_reason", decision.reason)
+        client.set_registered_model_alias(name, CHAMPION, number)
+    return f"{verdict}: {decision.reason}"
