@@ -101,3 +101,14 @@ def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mlflow_template: Pa
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.chdir(work)
     return work
+
+
+@pytest.fixture(scope="session")
+def reproduced(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """A fresh copy of the repository after `dvc repro` on real MNIST, and what it printed."""
+    from helpers import copy_working_tree, dvc
+
+    repo = copy_working_tree(tmp_path_factory.mktemp("pipeline"))
+    result = dvc(repo, "repro")
+    assert result.returncode == 0, result.stdout + result.stderr
+    return repo, result.stdout

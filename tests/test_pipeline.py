@@ -4,16 +4,28 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import shutil
 import subprocess
+import sys
+import urllib.request
 from pathlib import Path
 
+import mlflow
+import numpy as np
 import pytest
+from PIL import Image
 
+from helpers import dvc, environment, free_port, store, wait_for
 from pipeline import data
 from pipeline.data import raw_dir
-from pipeline.paths import EVAL_METRICS, FIGURES, RAW_ROOT, TEST_SPLIT, TRAIN_HISTORY, TRAIN_SPLIT
+from pipeline.paths import (
+    EVAL_METRICS,
+    FIGURES,
+    RAW_ROOT,
+    RUN_INFO,
+    TEST_SPLIT,
+    TRAIN_HISTORY,
+    TRAIN_SPLIT,
+)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -34,42 +46,6 @@ LAB_CURVE = [
     106.2222,
 ]  # noqa: E501
 EACH_EPOCH_TOLERANCE, FINAL_TOLERANCE = 1.5, 1.0
-
-
-def copy_working_tree(dest: Path) -> Path:
-    """A fresh git repository holding the working tree's files (committed or not, never ignored)."""
-    files = subprocess.run(
-        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        check=True,
-        text=True,
-    ).stdout.split("\0")
-    for name in filter(None, files):
-        source = REPO_ROOT / name
-        if source.is_file():
-            (dest / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(source, dest / name)
-    git = ["git", "-c", "user.name=test", "-c", "user.email=test@localhost"]
-    subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
-    subprocess.run(["git", "add", "-A"], cwd=dest, check=True)
-    subprocess.run([*git, "commit", "-qm", "copy"], cwd=dest, check=True)
-    return dest
-
-
-def dvc(repo: Path, *args: str) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    return subprocess.run(
-        ["dvc", *args], cwd=repo, env=env, capture_output=True, text=True, timeout=1800
-    )
-
-
-@pytest.fixture(scope="session")
-def reproduced(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
-    repo = copy_working_tree(tmp_path_factory.mktemp("pipeline"))
-    result = dvc(repo, "repro")
-    assert result.returncode == 0, result.stdout + result.stderr
-    return repo, result.stdout
 
 
 def test_every_stage_ran(reproduced: tuple[Path, str]) -> None:
@@ -142,6 +118,130 @@ def test_figures_exist(reproduced: tuple[Path, str]) -> None:
     )  # noqa: E501
     for name in names:
         assert (repo / FIGURES / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+
+
+def test_the_mlflow_store_holds_the_whole_run(reproduced: tuple[Path, str]) -> None:
+    repo, _ = reproduced
+    client = store(repo)
+    run_id = json.loads((repo / RUN_INFO).read_text())["run_id"]
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    for key in ("train/loss", "train/recon", "train/kl", "test/loss", "test/recon", "test/kl"):
+        assert [m.step for m in client.get_metric_history(run_id, key)] == list(range(1, 11)), key
+    grids = [a.path for a in client.list_artifacts(run_id, "images") if a.path.endswith(".png")]
+    assert len(grids) == 10  # one grid of digits per epoch
+    figures = {a.path for a in client.list_artifacts(run_id, "figures")}
+    assert {
+        "figures/loss_curves.png",
+        "figures/manifold.png",
+        "figures/latent_space.png",
+    } <= figures
+    assert run.outputs.model_outputs  # the logged model
+    evaluation = json.loads((repo / EVAL_METRICS).read_text())
+    assert run.data.metrics["eval/log_px_iwae"] == pytest.approx(evaluation["log_px_iwae"])
+    assert run.data.params["model.hidden_dim"] == "400"
+
+
+def test_the_registry_has_the_evaluated_model_as_candidate(reproduced: tuple[Path, str]) -> None:
+    repo, _ = reproduced
+    version = store(repo).get_model_version_by_alias("mnist-vae", "candidate")
+    run_id = json.loads((repo / RUN_INFO).read_text())["run_id"]
+    assert version.run_id == run_id and version.tags["evaluated"] == "true"
+    assert float(version.tags["metric.test_loss"]) == pytest.approx(
+        json.loads((repo / EVAL_METRICS).read_text())["test_loss"]
+    )  # noqa: E501
+
+
+@pytest.fixture(scope="session")
+def champion(reproduced: tuple[Path, str]) -> Path:
+    """The reproduced repository after `python -m pipeline promote`."""
+    repo, _ = reproduced
+    result = subprocess.run(
+        [sys.executable, "-m", "pipeline", "promote"],
+        cwd=repo,
+        env=environment(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("promote v1 to @champion: first champion")
+    return repo
+
+
+def test_the_champion_loads_as_a_pyfunc_from_the_registry(champion: Path) -> None:
+    mlflow.set_tracking_uri(f"sqlite:///{champion / 'mlflow.db'}")
+    model = mlflow.pyfunc.load_model("models:/mnist-vae@champion")
+    z = np.random.default_rng(0).standard_normal((5, 20)).astype(np.float32)
+    images = model.predict(z)
+    assert images.shape == (5, 784) and images.min() >= 0 and images.max() <= 1
+    assert model.metadata.get_input_schema().inputs[0].shape == (-1, 20)
+
+
+def test_mlflow_models_serve_answers_with_images(champion: Path) -> None:
+    port = free_port()
+    server = subprocess.Popen(
+        [
+            "mlflow",
+            "models",
+            "serve",
+            "-m",
+            "models:/mnist-vae@champion",
+            "--env-manager",
+            "local",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        cwd=champion,
+        env=environment(MLFLOW_TRACKING_URI=f"sqlite:///{champion / 'mlflow.db'}"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        wait_for(f"http://127.0.0.1:{port}/ping", server, seconds=120)
+        z = np.random.default_rng(1).standard_normal((3, 20)).round(4).tolist()
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/invocations",
+            data=json.dumps({"inputs": z}).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=60) as response:
+            images = np.asarray(json.loads(response.read())["predictions"])
+        assert images.shape == (3, 784) and images.min() >= 0 and images.max() <= 1
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def test_generate_writes_a_grid_of_digits(champion: Path, tmp_path: Path) -> None:
+    output = tmp_path / "digits.png"
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipeline",
+            "generate",
+            "--model",
+            "models:/mnist-vae@champion",
+            "-n",
+            "64",
+            "--seed",
+            "0",
+            "-o",
+            str(output),
+        ],
+        cwd=champion,
+        env=environment(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    with Image.open(output) as image:
+        assert image.format == "PNG" and image.size == (8 * 30 + 2, 8 * 30 + 2)
 
 
 def test_second_repro_changes_nothing(reproduced: tuple[Path, str]) -> None:

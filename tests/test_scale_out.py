@@ -1,0 +1,199 @@
+"""Slow: DVC experiments and queues, a DVC remote round trip, and a real MLflow tracking server."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+from mlflow.tracking import MlflowClient
+
+from helpers import dvc, environment, free_port, git_commit, store, wait_for
+from pipeline import train as train_stage
+from pipeline.config import load_params
+from pipeline.paths import EVAL_METRICS, FIGURES, RUN_INFO, TRAIN_SPLIT, WEIGHTS
+
+pytestmark = pytest.mark.slow
+
+SMALL = ["-S", "train.epochs=1", "-S", "model.hidden_dim=64", "-S", "evaluate.iwae_samples=8"]
+
+
+@pytest.fixture(scope="module")
+def baseline(reproduced: tuple[Path, str], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of the reproduced repository with its results committed and a store of its own."""
+    repo = tmp_path_factory.mktemp("experiments") / "repo"
+    shutil.copytree(reproduced[0], repo, symlinks=True)
+    shutil.rmtree(repo / "mlruns")
+    (repo / "mlflow.db").unlink()
+    git_commit(repo, "baseline results")
+    return repo
+
+
+def experiments(repo: Path) -> dict[str, dict]:
+    """`dvc exp show --json`: experiment name -> its params and metrics."""
+    result = dvc(repo, "exp", "show", "--json")
+    assert result.returncode == 0, result.stderr
+    found = {}
+    for commit in json.loads(result.stdout):
+        for exp in commit.get("experiments") or []:
+            for rev in exp["revs"]:
+                data = rev["data"]
+                found[rev["name"]] = {
+                    "params": data["params"]["params.yaml"]["data"],
+                    "metrics": {path: m["data"] for path, m in (data.get("metrics") or {}).items()},
+                }
+    return found
+
+
+def runs_of(repo: Path, exp_name: str) -> list:
+    client = store(repo)
+    experiment = client.get_experiment_by_name("mnist-vae")
+    return client.search_runs([experiment.experiment_id], f"tags.`dvc.exp_name` = '{exp_name}'")
+
+
+def test_an_experiment_is_one_mlflow_run_tagged_with_its_name(baseline: Path) -> None:
+    result = dvc(baseline, "exp", "run", "-S", "train.epochs=2", "-S", "model.latent_dim=2")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Running stage 'train'" in result.stdout
+    assert "Running stage 'download'" not in result.stdout  # the data come from the cache
+    shown = experiments(baseline)
+    (name, exp), *_ = [(n, e) for n, e in shown.items() if e["params"]["model"]["latent_dim"] == 2]
+    assert exp["params"]["train"]["epochs"] == 2
+    assert exp["metrics"]["metrics/train.json"]["epochs"] == 2
+    assert exp["metrics"]["metrics/evaluate.json"]["latent_dim"] == 2
+    runs = runs_of(baseline, name)
+    assert len(runs) == 1 and runs[0].data.params["model.latent_dim"] == "2"
+    assert runs[0].info.status == "FINISHED" and "eval/test_loss" in runs[0].data.metrics
+
+
+def test_two_queued_experiments_run_in_parallel_into_one_store(baseline: Path) -> None:
+    for latent in (4, 8):
+        queued = dvc(baseline, "exp", "run", "--queue", *SMALL, "-S", f"model.latent_dim={latent}")
+        assert queued.returncode == 0, queued.stderr
+    started = dvc(baseline, "queue", "start", "-j", "2")
+    assert started.returncode == 0, started.stderr
+    deadline = time.monotonic() + 900
+    while time.monotonic() < deadline:
+        status = dvc(baseline, "queue", "status").stdout
+        if "Queued" not in status and "Running" not in status:
+            break
+        time.sleep(5)
+    assert "Failed" not in status, status
+    shown = experiments(baseline)
+    for latent in (4, 8):
+        (name, exp), *_ = [
+            (n, e) for n, e in shown.items() if e["params"]["model"]["latent_dim"] == latent
+        ]  # noqa: E501
+        assert exp["metrics"]["metrics/evaluate.json"]["latent_dim"] == latent, status
+        runs = runs_of(baseline, name)  # in the repository's store, not the deleted copy's
+        assert len(runs) == 1, name
+        run = runs[0]
+        assert run.info.status == "FINISHED"
+        assert run.data.metrics["eval/latent_dim"] == latent and "train/loss" in run.data.metrics
+        assert store(baseline).list_artifacts(run.info.run_id, "figures")
+    assert not list((baseline / ".dvc" / "tmp" / "exps").glob("tmp*/mlflow.db"))
+
+
+def test_dvc_push_then_pull_into_a_fresh_clone_restores_everything(
+    reproduced: tuple[Path, str], tmp_path: Path
+) -> None:
+    repo = tmp_path / "origin"
+    shutil.copytree(reproduced[0], repo, symlinks=True)
+    assert dvc(repo, "remote", "add", "-d", "storage", str(tmp_path / "remote")).returncode == 0
+    git_commit(repo, "results and a remote")
+    pushed = dvc(repo, "push")
+    assert pushed.returncode == 0, pushed.stderr
+
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", str(repo), str(clone)], check=True)
+    pulled = dvc(clone, "pull")
+    assert pulled.returncode == 0, pulled.stderr
+    assert "Running stage" not in pulled.stdout + pulled.stderr
+    for path in (TRAIN_SPLIT, WEIGHTS, RUN_INFO, EVAL_METRICS, FIGURES / "manifold.png"):
+        assert (clone / path).read_bytes() == (repo / path).read_bytes(), path
+    assert (clone / "data/raw/MNIST/raw/train-images-idx3-ubyte").stat().st_size == 47040016
+    status = dvc(clone, "status")
+    assert "Data and pipelines are up to date" in status.stdout, status.stdout
+    assert not (clone / "mlflow.db").exists()  # nothing ran
+
+
+@pytest.fixture
+def mlflow_server(tmp_path: Path) -> str:
+    """`mlflow server` on a free loopback port: SQLite backend, local artifact folder."""
+    port = free_port()
+    server = subprocess.Popen(
+        [
+            "mlflow",
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--backend-store-uri",
+            f"sqlite:///{tmp_path / 'server.db'}",
+            "--artifacts-destination",
+            str(tmp_path / "artifacts"),
+        ],
+        env=environment(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,  # its workers form a group we can stop together
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(f"{url}/health", server, seconds=120)
+        yield url
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+
+
+def test_training_against_a_real_tracking_server(
+    mlflow_server: str, workdir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    train_stage.train(load_params())
+    run_id = json.loads(RUN_INFO.read_text())["run_id"]
+    client = MlflowClient(mlflow_server)
+    for key in ("train/loss", "test/kl"):
+        assert [m.step for m in client.get_metric_history(run_id, key)] == [1, 2, 3]
+    images = [a.path for a in client.list_artifacts(run_id, "images") if a.path.endswith(".png")]
+    assert len(images) == 3
+    mlflow.set_tracking_uri(mlflow_server)
+    z = np.zeros((2, 4), dtype=np.float32)
+    assert mlflow.pyfunc.load_model(f"runs:/{run_id}/model").predict(z).shape == (2, 784)
+    assert not (workdir / "mlruns").exists()  # artifacts went to the server
+
+
+def test_a_server_that_does_not_answer_is_reported_in_one_line(workdir: Path) -> None:
+    with socket.socket() as silent:  # accepts connections, never replies
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        start = time.monotonic()
+        result = subprocess.run(
+            [sys.executable, "-m", "pipeline.train"],
+            cwd=workdir,
+            env=environment(MLFLOW_TRACKING_URI=url),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        elapsed = time.monotonic() - start
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(
+        f"error: MLflow tracking server {url} did not answer"
+    )  # noqa: E501
+    assert elapsed < 30
+    assert not (workdir / WEIGHTS).exists()
