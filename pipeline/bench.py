@@ -75,7 +75,7 @@ def main() -> None:
     optimizer = make_optimizer(model, params.train.lr)
     ours = best_of(
         lambda: train_epoch(model, optimizer, images, batch_size, False, 1, 1), args.repeats
-    )  # noqa: E501
+    )
 
     dataset = datasets.MNIST(RAW_ROOT, train=True, download=False, transform=transforms.ToTensor())
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=True)

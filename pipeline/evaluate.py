@@ -23,11 +23,11 @@ def register(params: Params, run_id: str, metrics: dict) -> str:
         "data": asdict(params.data),
         "model": asdict(params.model),
         "train": asdict(params.train),
-    }  # noqa: E501
+    }
     tags = {
         "params_hash": registry.params_hash(recipe),
         "git.commit": tracking.git_tags()["git.commit"],
-    }  # noqa: E501
+    }
     version = registry.register(MlflowClient(), params.registry.model_name, run_id, metrics, tags)
     return f"registered as {version.name} version {version.version} (@{registry.CANDIDATE})"
 

@@ -54,7 +54,7 @@ def iwae_log_likelihood(
 @torch.no_grad()
 def posterior_means(
     model: VAE, images: torch.Tensor, batch_size: int
-) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: E501
+) -> tuple[torch.Tensor, torch.Tensor]:
     model.eval()
     encoded = [model.encode(x) for x in images.split(batch_size)]
     return torch.cat([mu for mu, _ in encoded]), torch.cat([lv for _, lv in encoded])

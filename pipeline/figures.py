@@ -43,7 +43,7 @@ def loss_curves(history: list[dict]) -> Figure:
 
 def titled_grid(
     images: torch.Tensor, nrow: int, title: str, row_labels: list[str] | None = None
-) -> Figure:  # noqa: E501
+) -> Figure:
     """A digit grid (torchvision's make_grid) in a figure with a title and optional row labels."""
     picture = digit_grid(images, nrow)
     rows = -(-len(images) // nrow)
@@ -62,7 +62,7 @@ def titled_grid(
 
 def latent_scatter(
     points: torch.Tensor, labels: torch.Tensor, axis_names: tuple[str, str], title: str
-) -> Figure:  # noqa: E501
+) -> Figure:
     """Latent means in 2D, one colour per digit, with a legend."""
     fig, ax = plt.subplots(figsize=(7, 6))
     colours = plt.get_cmap("tab10")
@@ -77,7 +77,7 @@ def latent_scatter(
 
 def manifold(
     images: torch.Tensor, quantiles: torch.Tensor, axis_names: tuple[str, str], title: str
-) -> Figure:  # noqa: E501
+) -> Figure:
     """Digits decoded on a grid across a latent plane; the axes show each position's quantile."""
     size = len(quantiles)
     fig, ax = plt.subplots(figsize=(8, 8))

@@ -38,7 +38,7 @@ def register(
     except MlflowException:
         client.create_registered_model(
             name, description="VAE decoder: latent vectors -> MNIST digits"
-        )  # noqa: E501
+        )
     existing = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
     version = existing[0] if existing else mlflow.register_model(f"runs:/{run_id}/model", name)
     numbers = {f"metric.{k}": str(v) for k, v in metrics.items() if isinstance(v, int | float)}
@@ -98,7 +98,7 @@ def decide(
     if champion.version == candidate.version:
         return Decision(
             False, candidate, champion, f"version {candidate.version} is already champion"
-        )  # noqa: E501
+        )
     old = metric_of(champion, cfg.metric)
     gain = old - new if cfg.direction == "minimize" else new - old
     comparison = (

@@ -21,7 +21,7 @@ from pipeline.paths import FIGURES, RUN_INFO, TEST_SPLIT, TRAIN_HISTORY, WEIGHTS
 
 def latent_plane(
     mu: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[str, str]]:  # noqa: E501
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[str, str]]:
     """A 2D plane of the latent space: centre, two unit directions, their spreads, axis names.
 
     With two latent dimensions it is the latent space itself under the N(0, I) prior; otherwise
@@ -42,12 +42,12 @@ def generated(model: VAE, cfg: SampleConfig, generator: torch.Generator) -> Figu
     nrow = max(1, round(cfg.n_samples**0.5))
     return figures.titled_grid(
         model.decode(z), nrow, f"{cfg.n_samples} new digits decoded from z ~ N(0, I)"
-    )  # noqa: E501
+    )
 
 
 def reconstructions(
     model: VAE, images: torch.Tensor, cfg: SampleConfig, generator: torch.Generator
-) -> Figure:  # noqa: E501
+) -> Figure:
     chosen = images[torch.randperm(len(images), generator=generator)[: cfg.n_reconstructions]]
     mu, _ = model.encode(chosen)
     both = torch.cat([chosen, model.decode(mu)])
@@ -61,7 +61,7 @@ def interpolation(
     labels: torch.Tensor,
     cfg: SampleConfig,
     generator: torch.Generator,
-) -> Figure:  # noqa: E501
+) -> Figure:
     rows, names = [], []
     t = torch.linspace(0, 1, cfg.interpolation_steps).unsqueeze(1)
     for row in range(cfg.interpolation_rows):
@@ -77,7 +77,7 @@ def interpolation(
 
 def draw_all(
     model: VAE, images: torch.Tensor, labels: torch.Tensor, history: list[dict], cfg: SampleConfig
-) -> dict[str, Figure]:  # noqa: E501
+) -> dict[str, Figure]:
     generator = torch.Generator().manual_seed(cfg.seed)
     mu, _ = posterior_means(model, images, batch_size=1000)
     centre, directions, spread, names = latent_plane(mu)
@@ -89,7 +89,7 @@ def draw_all(
         centre
         + (across.reshape(-1, 1) * spread[0]) * directions[0]
         + (down.reshape(-1, 1) * spread[1]) * directions[1]
-    )  # noqa: E501
+    )
     return {
         "generated": generated(model, cfg, generator),
         "reconstructions": reconstructions(model, images, cfg, generator),

@@ -91,6 +91,14 @@ def run_tags(device: torch.device) -> dict[str, str]:
     return tags
 
 
+def run_exists(run_id: str) -> bool:
+    try:
+        MlflowClient().get_run(run_id)
+    except MlflowException:
+        return False
+    return True
+
+
 def logged_steps(run_id: str, key: str) -> set[int]:
     return {m.step for m in MlflowClient().get_metric_history(run_id, key)}
 
@@ -133,12 +141,10 @@ def attached_run(experiment: str, run_info: Path) -> Iterator[mlflow.ActiveRun]:
     does not have it (outputs restored from a DVC cache made on another machine)."""
     experiment_id = connect(experiment)
     trained_in = read_run_info(run_info)["run_id"]
-    try:
-        MlflowClient().get_run(trained_in)
-    except MlflowException:
+    if not run_exists(trained_in):
         with mlflow.start_run(
             experiment_id=experiment_id, tags={"trained_in_run": trained_in}
-        ) as run:  # noqa: E501
+        ) as run:
             print(
                 f"MLflow run {trained_in} (from {run_info}) is not in {tracking_uri()}; "
                 f"logging to new run {run.info.run_id}, tagged trained_in_run={trained_in}"

@@ -38,7 +38,8 @@ from pipeline.training import (
 GRID_SIZE = 64  # the digits decoded from the same latent vectors after every epoch
 
 
-def log_epoch(row: Epoch, model: VAE, fixed_z: torch.Tensor) -> None:
+def log_epoch(row: Epoch, model: VAE, fixed_z: torch.Tensor, grid: bool = True) -> None:
+    """The epoch's metrics, and (when `model` is the epoch's model) its grid of digits."""
     values = asdict(row)
     metrics = {
         f"{split}/{term}": values[f"{split}_{term}"]
@@ -47,6 +48,8 @@ def log_epoch(row: Epoch, model: VAE, fixed_z: torch.Tensor) -> None:
     }
     metrics["train/epoch_seconds"] = row.seconds
     mlflow.log_metrics(metrics, step=row.epoch)
+    if not grid:
+        return
     with torch.no_grad():
         mlflow.log_image(
             digit_grid(model.eval().decode(fixed_z), nrow=8), key="generated", step=row.epoch
@@ -86,6 +89,10 @@ def train(params: Params) -> None:
         TRAIN_SPLIT,
     )
     state = load_checkpoint(CHECKPOINT, key)
+    if state is not None and not tracking.run_exists(state["run_id"]):
+        gone = state["run_id"]
+        print(f"ignoring checkpoint {CHECKPOINT}: its MLflow run {gone} is not in the store")
+        state = None
     history: list[Epoch] = []
     run_id = None
     if state is not None:
@@ -107,8 +114,8 @@ def train(params: Params) -> None:
         # Epochs checkpointed but not logged (the process was killed in between).
         logged = tracking.logged_steps(run_id, "train/loss")
         for row in history:
-            if row.epoch not in logged:
-                log_epoch(row, model, fixed_z)
+            if row.epoch not in logged:  # the model in hand is the last epoch's: only its grid
+                log_epoch(row, model, fixed_z, grid=row.epoch == len(history))
         history = fit(
             model,
             optimizer,

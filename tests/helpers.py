@@ -15,6 +15,14 @@ from mlflow.tracking import MlflowClient
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 GIT = ["git", "-c", "user.name=test", "-c", "user.email=test@localhost"]
+FIGURE_NAMES = {
+    "generated",
+    "reconstructions",
+    "latent_space",
+    "manifold",
+    "interpolation",
+    "training_curves",
+}
 
 
 def copy_working_tree(dest: Path) -> Path:
@@ -40,6 +48,10 @@ def environment(**extra: str) -> dict[str, str]:
     """This interpreter's bin first (stage commands call `python`), no outside tracking URI."""
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    # `dvc exp run` commits: a machine without a git identity must still work.
+    for role in ("AUTHOR", "COMMITTER"):
+        env.setdefault(f"GIT_{role}_NAME", "test")
+        env.setdefault(f"GIT_{role}_EMAIL", "test@localhost")
     return {**env, **extra}
 
 
@@ -51,6 +63,18 @@ def dvc(repo: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
         capture_output=True,
         text=True,
         timeout=1800,
+    )
+
+
+def python_m(cwd: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
+    """`python -m ARGS` in `cwd` with this interpreter, output captured."""
+    return subprocess.run(
+        [sys.executable, "-m", *args],
+        cwd=cwd,
+        env=environment(**env),
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
 
 

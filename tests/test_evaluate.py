@@ -6,6 +6,7 @@ import torch
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
+from helpers import FIGURE_NAMES
 from pipeline import train as train_stage
 from pipeline.config import load_params
 from pipeline.evaluate import run_evaluation
@@ -101,7 +102,7 @@ def test_evaluate_falls_back_to_a_new_tagged_run(workdir: Path, capsys) -> None:
     assert (
         "MLflow run 0123456789abcdef0123456789abcdef (from models/mlflow_run.json) is not in"
         in said
-    )  # noqa: E501
+    )
     client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
     experiment = client.get_experiment_by_name(load_params().mlflow.experiment)
     tagged = client.search_runs(
@@ -118,21 +119,14 @@ def test_sample_writes_every_figure_as_a_png_and_logs_it(workdir: Path) -> None:
         "latent_space": (700, 600),
         "manifold": (800, 800),
         "training_curves": (1300, 380),
-    }  # noqa: E501
+    }
     for name in names:
         with Image.open(FIGURES / f"{name}.png") as image:
             assert image.format == "PNG"
             image.load()  # a truncated file fails here
             if name in expected_sizes:
                 assert image.size == expected_sizes[name], name
-    assert set(names) == {
-        "generated",
-        "reconstructions",
-        "latent_space",
-        "manifold",
-        "interpolation",
-        "training_curves",
-    }  # noqa: E501
+    assert set(names) == FIGURE_NAMES
     logged = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}").list_artifacts(run_id, "figures")
     assert {a.path for a in logged} >= {f"figures/{name}.png" for name in names}
 
@@ -150,3 +144,26 @@ def test_every_figure_has_a_title_and_the_latent_plot_shows_ten_classes(workdir:
     latent = drawn["latent_space"].axes[0]
     assert [t.get_text() for t in latent.get_legend().get_texts()] == [str(d) for d in range(10)]
     assert latent.get_xlabel().startswith("PC 1") and latent.get_ylabel().startswith("PC 2")
+
+
+def test_dynamic_binarisation_trains_and_evaluates_on_binary_pixels(
+    workdir: Path, set_params
+) -> None:
+    from pipeline.data import binarize_once, load_split
+    from pipeline.paths import TEST_SPLIT
+
+    images, _ = load_split(TEST_SPLIT)
+    once = binarize_once(images, seed=0)
+    assert set(once.unique().tolist()) <= {0.0, 1.0} and torch.equal(once, binarize_once(images, 0))
+    assert abs(once.mean().item() - images.mean().item()) < 0.01  # Bernoulli(pixel) keeps the mean
+
+    grey = run_evaluation_after_training()
+    set_params(workdir, data={"binarize": "dynamic"})
+    binary = run_evaluation_after_training()
+    assert binary["test_loss"] != grey["test_loss"]
+    assert all(v == v for v in binary["loss_per_class"].values())  # finite, not NaN
+
+
+def run_evaluation_after_training() -> dict:
+    train_tiny()
+    return run_evaluation(load_params())

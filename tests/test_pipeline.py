@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import json
 import subprocess
-import sys
 import urllib.request
 from pathlib import Path
 
@@ -14,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from helpers import dvc, environment, free_port, store, wait_for
+from helpers import FIGURE_NAMES, dvc, environment, free_port, python_m, store, wait_for
 from pipeline import data
 from pipeline.data import raw_dir
 from pipeline.paths import (
@@ -44,7 +43,7 @@ LAB_CURVE = [
     107.1637,
     106.691,
     106.2222,
-]  # noqa: E501
+]
 EACH_EPOCH_TOLERANCE, FINAL_TOLERANCE = 1.5, 1.0
 
 
@@ -96,7 +95,7 @@ def test_evaluation_metrics_are_all_there(reproduced: tuple[Path, str]) -> None:
         "iwae_samples",
         "active_units",
         "latent_dim",
-    )  # noqa: E501
+    )
     for key in scalars:
         assert isinstance(metrics[key], int | float), key
     assert metrics["iwae_samples"] == 128 and metrics["latent_dim"] == 20
@@ -108,15 +107,7 @@ def test_evaluation_metrics_are_all_there(reproduced: tuple[Path, str]) -> None:
 
 def test_figures_exist(reproduced: tuple[Path, str]) -> None:
     repo, _ = reproduced
-    names = (
-        "generated",
-        "reconstructions",
-        "latent_space",
-        "manifold",
-        "interpolation",
-        "training_curves",
-    )  # noqa: E501
-    for name in names:
+    for name in FIGURE_NAMES:
         assert (repo / FIGURES / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
 
 
@@ -149,21 +140,14 @@ def test_the_registry_has_the_evaluated_model_as_candidate(reproduced: tuple[Pat
     assert version.run_id == run_id and version.tags["evaluated"] == "true"
     assert float(version.tags["metric.test_loss"]) == pytest.approx(
         json.loads((repo / EVAL_METRICS).read_text())["test_loss"]
-    )  # noqa: E501
+    )
 
 
 @pytest.fixture(scope="session")
 def champion(reproduced: tuple[Path, str]) -> Path:
     """The reproduced repository after `python -m pipeline promote`."""
     repo, _ = reproduced
-    result = subprocess.run(
-        [sys.executable, "-m", "pipeline", "promote"],
-        cwd=repo,
-        env=environment(),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    result = python_m(repo, "pipeline", "promote")
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("promote v1 to @champion: first champion")
     return repo
@@ -218,26 +202,19 @@ def test_mlflow_models_serve_answers_with_images(champion: Path) -> None:
 
 def test_generate_writes_a_grid_of_digits(champion: Path, tmp_path: Path) -> None:
     output = tmp_path / "digits.png"
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pipeline",
-            "generate",
-            "--model",
-            "models:/mnist-vae@champion",
-            "-n",
-            "64",
-            "--seed",
-            "0",
-            "-o",
-            str(output),
-        ],
-        cwd=champion,
-        env=environment(),
-        capture_output=True,
-        text=True,
-        timeout=120,
+    uri = "models:/mnist-vae@champion"
+    result = python_m(
+        champion,
+        "pipeline",
+        "generate",
+        "--model",
+        uri,
+        "-n",
+        "64",
+        "--seed",
+        "0",
+        "-o",
+        str(output),
     )
     assert result.returncode == 0, result.stderr
     with Image.open(output) as image:

@@ -13,13 +13,13 @@ from pipeline.tracking import log_generator
 
 CONFIG = RegistryConfig(
     model_name="vae", metric="test_loss", direction="minimize", min_improvement=0.5
-)  # noqa: E501
+)
 
 
 @pytest.fixture(scope="session")
 def store_with_runs(
     tmp_path_factory: pytest.TempPathFactory, mlflow_template: Path
-) -> tuple[Path, list[str]]:  # noqa: E501
+) -> tuple[Path, list[str]]:
     """A store with three runs that each logged a tiny decoder (made once; tests copy it)."""
     folder = tmp_path_factory.mktemp("registry-base")
     shutil.copy(mlflow_template, folder / "mlflow.db")
@@ -48,7 +48,7 @@ def evaluated(client: MlflowClient, run_id: str, test_loss: float) -> int:
     tags = {"params_hash": "abc", "git.commit": "123"}
     return registry.register(
         client, "vae", run_id, {"test_loss": test_loss, "kl_per_dim": {}}, tags
-    ).version  # noqa: E501
+    ).version
 
 
 def test_register_tags_the_version_and_aliases_it_candidate(client) -> None:
@@ -59,7 +59,7 @@ def test_register_tags_the_version_and_aliases_it_candidate(client) -> None:
         runs[0],
         {"test_loss": 101.5, "active_units": 18},
         {"params_hash": "abc", "git.commit": "123"},
-    )  # noqa: E501
+    )
     assert version.version == 1 and version.run_id == runs[0]
     assert (
         version.tags["metric.test_loss"] == "101.5" and version.tags["metric.active_units"] == "18"
@@ -92,7 +92,7 @@ def test_a_worse_candidate_is_not_promoted_and_says_why(client) -> None:
     said = registry.promote(client, CONFIG)
     assert said.startswith(
         "keep @champion on v1, v2 not promoted: test_loss 103.8000 vs champion v1's 104.0000"
-    )  # noqa: E501
+    )
     assert "improvement +0.2000, required > 0.5" in said
     assert client.get_model_version_by_alias("vae", "champion").version == 1
 
@@ -144,7 +144,7 @@ def test_errors_for_missing_registry_unknown_version_and_unevaluated_model(clien
     client, runs = client
     with pytest.raises(
         RegistryError, match=r"registered model 'vae' not found .* `dvc repro evaluate`"
-    ):  # noqa: E501
+    ):
         registry.promote(client, CONFIG)
     evaluated(client, runs[0], 104.0)
     with pytest.raises(RegistryError, match=r"'vae' has no version 7"):

@@ -8,7 +8,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
-from helpers import dvc, environment, free_port, git_commit, store, wait_for
+from helpers import dvc, environment, free_port, git_commit, python_m, store, wait_for
 from pipeline import train as train_stage
 from pipeline.config import load_params
 from pipeline.paths import EVAL_METRICS, FIGURES, RUN_INFO, TRAIN_SPLIT, WEIGHTS
@@ -92,7 +91,7 @@ def test_two_queued_experiments_run_in_parallel_into_one_store(baseline: Path) -
     for latent in (4, 8):
         (name, exp), *_ = [
             (n, e) for n, e in shown.items() if e["params"]["model"]["latent_dim"] == latent
-        ]  # noqa: E501
+        ]
         assert exp["metrics"]["metrics/evaluate.json"]["latent_dim"] == latent, status
         runs = runs_of(baseline, name)  # in the repository's store, not the deleted copy's
         assert len(runs) == 1, name
@@ -181,19 +180,12 @@ def test_a_server_that_does_not_answer_is_reported_in_one_line(workdir: Path) ->
         silent.listen()
         url = f"http://127.0.0.1:{silent.getsockname()[1]}"
         start = time.monotonic()
-        result = subprocess.run(
-            [sys.executable, "-m", "pipeline.train"],
-            cwd=workdir,
-            env=environment(MLFLOW_TRACKING_URI=url),
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        result = python_m(workdir, "pipeline.train", MLFLOW_TRACKING_URI=url)
         elapsed = time.monotonic() - start
     assert result.returncode == 1
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(
         f"error: MLflow tracking server {url} did not answer"
-    )  # noqa: E501
+    )
     assert elapsed < 30
     assert not (workdir / WEIGHTS).exists()

@@ -29,7 +29,7 @@ METRICS = (
     "test/recon",
     "test/kl",
     "train/epoch_seconds",
-)  # noqa: E501
+)
 
 
 class Crash(Exception):
@@ -77,7 +77,7 @@ def test_a_run_logs_every_epoch_the_grids_and_a_model_that_loads_back(workdir: P
         mlflow.pytorch.load_model(f"runs:/{run_id}/model")(torch.from_numpy(z)),
         torch.from_numpy(expected),
         atol=1e-5,
-    )  # noqa: E501
+    )
 
     rows = TRAIN_HISTORY.read_text().splitlines()
     assert rows[0].startswith("epoch,train_loss,train_recon,train_kl,test_loss")
@@ -169,7 +169,7 @@ def test_an_unreachable_tracking_server_fails_fast_before_training(
     start = time.monotonic()
     with pytest.raises(
         TrackingError, match=rf"MLflow tracking server http://127.0.0.1:{port} did not answer"
-    ):  # noqa: E501
+    ):
         run_train()
     assert time.monotonic() - start < 30
     assert not CHECKPOINT.exists() and not WEIGHTS.exists()
@@ -216,3 +216,17 @@ def test_kill_9_mid_run_then_resume_matches_an_uninterrupted_run(
     steps = [m.step for m in client().get_metric_history(run_id, "test/loss")]
     assert steps == list(range(1, 13))
     assert client().get_run(run_id).info.status == "FINISHED"
+
+
+def test_a_checkpoint_whose_mlflow_run_is_gone_is_not_resumed(
+    workdir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, mlflow_template
+) -> None:
+    fresh = run_train()
+    log_epoch = train_stage.log_epoch
+    monkeypatch.setattr(train_stage, "log_epoch", lambda row, *a, **k: (_ for _ in ()).throw(Crash))
+    with pytest.raises(Crash):
+        run_train()
+    monkeypatch.setattr(train_stage, "log_epoch", log_epoch)
+    shutil.copy(mlflow_template, workdir / "mlflow.db")  # the store was replaced meanwhile
+    assert run_train() == fresh
+    assert "its MLflow run" in capsys.readouterr().out
