@@ -32,6 +32,7 @@ format: $(INSTALLED)
 	ruff check --fix .
 
 bench: $(INSTALLED)
+	dvc repro preprocess
 	python -m pipeline.bench
 
 promote: $(INSTALLED)

@@ -5,8 +5,9 @@
 - floor:     the same forward and backward matrix products on one resident batch, with no
              optimizer step and no data work: what no data pipeline can beat.
 
-Each path runs one warm-up epoch, then `--repeats` timed epochs; the best is kept. Run it on an
-idle machine: another heavy process on these cores makes every ratio meaningless.
+Each path runs one warm-up epoch; then the three take turns for `--repeats` rounds, so a drift in
+the machine's speed touches them alike, and each keeps its best epoch. Run it on an idle machine:
+another heavy process on these cores makes every ratio meaningless.
 """
 
 from __future__ import annotations
@@ -29,14 +30,16 @@ from pipeline.training import make_optimizer, train_epoch
 TARGET_SPEEDUP, TARGET_OVER_FLOOR = 3.5, 1.5
 
 
-def best_of(epoch: Callable[[], None], repeats: int) -> float:
-    epoch()  # warm-up: allocator, kernels, file cache
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        epoch()
-        times.append(time.perf_counter() - start)
-    return min(times)
+def best_of_rounds(epochs: dict[str, Callable[[], None]], rounds: int) -> dict[str, float]:
+    for epoch in epochs.values():
+        epoch()  # warm-up: allocator, kernels, file cache
+    best = dict.fromkeys(epochs, float("inf"))
+    for _ in range(rounds):
+        for name, epoch in epochs.items():
+            start = time.perf_counter()
+            epoch()
+            best[name] = min(best[name], time.perf_counter() - start)
+    return best
 
 
 def dataloader_epoch(model: VAE, optimizer: torch.optim.Optimizer, loader: DataLoader) -> None:
@@ -59,33 +62,33 @@ def floor_epoch(model: VAE, batch: torch.Tensor, n_batches: int) -> None:
 @reports_errors
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
     params = load_params()
     hidden, latent = params.model.hidden_dim, params.model.latent_dim
     batch_size = params.train.batch_size
     torch.manual_seed(params.train.seed)
 
-    def fresh() -> VAE:
-        return VAE(hidden, latent)
-
     images, _ = load_split(TRAIN_SPLIT)
     n_batches = -(-len(images) // batch_size)
-    model = fresh()
-    optimizer = make_optimizer(model, params.train.lr)
-    ours = best_of(
-        lambda: train_epoch(model, optimizer, images, batch_size, False, 1, 1), args.repeats
-    )
-
+    ours_model = VAE(hidden, latent)
+    ours_optimizer = make_optimizer(ours_model, params.train.lr)
     dataset = datasets.MNIST(RAW_ROOT, train=True, download=False, transform=transforms.ToTensor())
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=True)
-    model = fresh()
-    optimizer = torch.optim.Adam(model.parameters(), lr=params.train.lr)  # as people write it
-    idiomatic = best_of(lambda: dataloader_epoch(model, optimizer, loader), args.repeats)
-
-    model = fresh()
-    floor = best_of(lambda: floor_epoch(model, images[:batch_size], n_batches), args.repeats)
-
+    idiomatic_model = VAE(hidden, latent)
+    idiomatic_optimizer = torch.optim.Adam(idiomatic_model.parameters(), lr=params.train.lr)
+    floor_model = VAE(hidden, latent)
+    best = best_of_rounds(
+        {
+            "dataloader": lambda: dataloader_epoch(idiomatic_model, idiomatic_optimizer, loader),
+            "ours": lambda: train_epoch(
+                ours_model, ours_optimizer, images, batch_size, False, 1, 1
+            ),
+            "floor": lambda: floor_epoch(floor_model, images[:batch_size], n_batches),
+        },
+        args.repeats,
+    )
+    idiomatic, ours, floor = best["dataloader"], best["ours"], best["floor"]
     speedup, over_floor = idiomatic / ours, ours / floor
     print(
         f"one epoch, hidden {hidden}, latent {latent}, batch {batch_size}, "

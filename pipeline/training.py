@@ -1,7 +1,7 @@
 """The training loop: the whole training set in one tensor, each epoch a permutation in batches.
 
-Nothing per-item runs in the hot loop and nothing waits on the device until the epoch ends: the
-loss sums and a per-batch loss vector stay on the device and are read once per epoch.
+Nothing per-item runs in the hot loop and nothing waits on the device until the epoch ends: each
+batch's loss terms stay on the device and are read once per epoch.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import json
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
@@ -20,17 +20,6 @@ from tqdm import tqdm
 from pipeline.errors import PipelineError
 from pipeline.files import atomic_path
 from pipeline.model import VAE, loss_terms
-
-HISTORY_FIELDS = (
-    "epoch",
-    "train_loss",
-    "train_recon",
-    "train_kl",
-    "test_loss",
-    "test_recon",
-    "test_kl",
-    "seconds",
-)
 
 
 class NonFiniteLoss(PipelineError):
@@ -57,6 +46,9 @@ class Epoch:
             f"(recon {self.train_recon:.4f}, KL {self.train_kl:.4f})  "
             f"test loss: {self.test_loss:.4f}  [{self.seconds:.1f} s]"
         )
+
+
+HISTORY_FIELDS = tuple(f.name for f in fields(Epoch))  # the columns of plots/train_history.csv
 
 
 def pick_device(name: str) -> torch.device:
@@ -87,8 +79,7 @@ def train_epoch(
     """One pass over `images` in a random order; returns the mean recon and KL per image."""
     model.train()
     batches = torch.randperm(len(images), device=images.device).split(batch_size)
-    batch_losses = torch.zeros(len(batches), device=images.device)
-    sums = torch.zeros(2, device=images.device)
+    sums = torch.zeros(len(batches), 2, device=images.device)  # per batch: recon, KL
     progress = tqdm(
         batches, desc=f"epoch {epoch}/{epochs}", leave=False, disable=not sys.stderr.isatty()
     )
@@ -97,20 +88,22 @@ def train_epoch(
         if binarize:  # dynamic binarisation: a fresh Bernoulli sample of every image, every time
             x = torch.bernoulli(x)
         recon, kl = loss_terms(model, x)
-        loss = recon.sum() + kl.sum()  # summed, as the lab (and the PyTorch example) does
+        terms = torch.stack([recon.sum(), kl.sum()])
+        loss = terms.sum()  # summed over the batch, as the lab (and the PyTorch example) does
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        batch_losses[i] = loss.detach()
-        sums += torch.stack([recon.sum(), kl.sum()]).detach()
-    bad = (~torch.isfinite(batch_losses)).nonzero()
+        sums[i] = terms.detach()
+    losses = sums.sum(dim=1)
+    bad = (~torch.isfinite(losses)).nonzero()
     if len(bad):
+        first = bad[0, 0].item()
         raise NonFiniteLoss(
-            f"loss became {batch_losses[bad[0, 0]].item()} at epoch {epoch}, batch "
-            f"{bad[0, 0].item() + 1} of {len(batches)}; lower train.lr or check the data. "
-            "The last good checkpoint and outputs are kept"
+            f"loss became {losses[first].item()} at epoch {epoch}, batch {first + 1} of "
+            f"{len(batches)}; lower train.lr or check the data. The last good checkpoint and "
+            "outputs are kept"
         )
-    recon_mean, kl_mean = (sums / len(images)).tolist()
+    recon_mean, kl_mean = (sums.sum(dim=0) / len(images)).tolist()
     return recon_mean, kl_mean
 
 
