@@ -20,9 +20,9 @@ from pipeline.errors import ConfigError
 PARAMS_FILE = Path("params.yaml")
 
 
-def _check(*, min: float | None = None, max: float | None = None, above: float | None = None):
-    """Range constraints for a numeric field, kept in the field's metadata."""
-    return field(metadata={"min": min, "max": max, "above": above})
+def _check(*, at_least: float | None = None, above: float | None = None):
+    """A numeric field's lower bound, kept in the field's metadata."""
+    return field(metadata={"at_least": at_least, "above": above})
 
 
 @dataclass(frozen=True)
@@ -30,40 +30,40 @@ class DataConfig:
     source: str  # auto | torchvision | package | a local folder holding the four IDX files
     local_dir: str  # a folder `auto` tries last; "" to skip
     binarize: Literal["none", "dynamic"]
-    binarize_seed: int
+    binarize_seed: int = _check(at_least=0)
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    hidden_dim: int = _check(min=1)
-    latent_dim: int = _check(min=1)
+    hidden_dim: int = _check(at_least=1)
+    latent_dim: int = _check(at_least=1)
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    epochs: int = _check(min=1)
-    batch_size: int = _check(min=1)
+    epochs: int = _check(at_least=1)
+    batch_size: int = _check(at_least=1)
     lr: float = _check(above=0)
-    seed: int = _check(min=0)
+    seed: int = _check(at_least=0)
     device: Literal["auto", "cpu", "cuda"]
 
 
 @dataclass(frozen=True)
 class EvaluateConfig:
-    iwae_samples: int = _check(min=1)
-    batch_size: int = _check(min=1)
+    iwae_samples: int = _check(at_least=1)
+    batch_size: int = _check(at_least=1)
     active_unit_threshold: float = _check(above=0)
-    seed: int = _check(min=0)
+    seed: int = _check(at_least=0)
 
 
 @dataclass(frozen=True)
 class SampleConfig:
-    n_samples: int = _check(min=1)
-    n_reconstructions: int = _check(min=1)
-    manifold_size: int = _check(min=2)
-    interpolation_rows: int = _check(min=1)
-    interpolation_steps: int = _check(min=2)
-    seed: int = _check(min=0)
+    n_samples: int = _check(at_least=1)
+    n_reconstructions: int = _check(at_least=1)
+    manifold_size: int = _check(at_least=2)
+    interpolation_rows: int = _check(at_least=1)
+    interpolation_steps: int = _check(at_least=2)
+    seed: int = _check(at_least=0)
 
 
 @dataclass(frozen=True)
@@ -76,7 +76,7 @@ class RegistryConfig:
     model_name: str
     metric: str
     direction: Literal["minimize", "maximize"]
-    min_improvement: float = _check(min=0)
+    min_improvement: float = _check(at_least=0)
 
 
 @dataclass(frozen=True)
@@ -115,14 +115,13 @@ def load_params(path: Path | str = PARAMS_FILE) -> Params:
 def parse_params(raw: Any, source: str = "params.yaml") -> Params:
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: expected a mapping of sections, got {type(raw).__name__}")
-    sections = {f.name: f.type for f in dataclasses.fields(Params)}
-    hints = typing.get_type_hints(Params)
+    sections = typing.get_type_hints(Params)
     _refuse_unknown(raw, sections, source, prefix="")
     values = {}
     for name in sections:
         if name not in raw:
             raise ConfigError(f"{source}: missing section '{name}'; add it (see the README)")
-        values[name] = _parse_section(hints[name], raw[name], source, name)
+        values[name] = _parse_section(sections[name], raw[name], source, name)
     return Params(**values)
 
 
@@ -181,10 +180,8 @@ def _parse_value(kind: Any, value: Any, key: str, limits: Any) -> Any:
 
 
 def _check_range(value: float, key: str, limits: Any) -> None:
-    low, high, above = limits.get("min"), limits.get("max"), limits.get("above")
-    if low is not None and value < low:
-        raise ConfigError(f"{key} = {value!r} is out of range; must be >= {low}")
+    at_least, above = limits.get("at_least"), limits.get("above")
+    if at_least is not None and value < at_least:
+        raise ConfigError(f"{key} = {value!r} is out of range; must be >= {at_least}")
     if above is not None and value <= above:
         raise ConfigError(f"{key} = {value!r} is out of range; must be > {above}")
-    if high is not None and value > high:
-        raise ConfigError(f"{key} = {value!r} is out of range; must be <= {high}")

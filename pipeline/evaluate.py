@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import asdict
 
 import mlflow
-import torch
 from mlflow.tracking import MlflowClient
 
 from pipeline import registry, tracking
@@ -66,7 +65,6 @@ def run_evaluation(params: Params) -> dict:
 
 @reports_errors
 def main() -> None:
-    torch.set_grad_enabled(False)
     metrics = run_evaluation(load_params())
     print(
         f"test loss {metrics['test_loss']:.4f} (recon {metrics['test_recon']:.4f}, "

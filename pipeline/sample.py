@@ -37,6 +37,15 @@ def latent_plane(
     return centre, directions[:2], variance[:2].sqrt(), names
 
 
+def plane_grid(
+    centre: torch.Tensor, directions: torch.Tensor, spread: torch.Tensor, offsets: torch.Tensor
+) -> torch.Tensor:
+    """Latent points on a square grid across the plane, `offsets` standard deviations out."""
+    across, down = torch.meshgrid(offsets, offsets.flip(0), indexing="xy")  # top row: high values
+    steps = torch.stack([across.reshape(-1), down.reshape(-1)], dim=1) * spread
+    return centre + steps @ directions
+
+
 def generated(model: VAE, cfg: SampleConfig, generator: torch.Generator) -> Figure:
     z = torch.randn(cfg.n_samples, model.latent_dim, generator=generator)
     nrow = max(1, round(cfg.n_samples**0.5))
@@ -75,6 +84,7 @@ def interpolation(
     return figures.titled_grid(torch.cat(rows), cfg.interpolation_steps, title, names)
 
 
+@torch.no_grad()
 def draw_all(
     model: VAE, images: torch.Tensor, labels: torch.Tensor, history: list[dict], cfg: SampleConfig
 ) -> dict[str, Figure]:
@@ -83,13 +93,7 @@ def draw_all(
     centre, directions, spread, names = latent_plane(mu)
     kind = "latent space" if mu.shape[1] == 2 else "latent means' top-2 PCA plane"
     quantiles = torch.linspace(0.05, 0.95, cfg.manifold_size)
-    offsets = torch.distributions.Normal(0.0, 1.0).icdf(quantiles)
-    across, down = torch.meshgrid(offsets, offsets.flip(0), indexing="xy")  # top row: high values
-    grid = (
-        centre
-        + (across.reshape(-1, 1) * spread[0]) * directions[0]
-        + (down.reshape(-1, 1) * spread[1]) * directions[1]
-    )
+    grid = plane_grid(centre, directions, spread, torch.distributions.Normal(0, 1).icdf(quantiles))
     return {
         "generated": generated(model, cfg, generator),
         "reconstructions": reconstructions(model, images, cfg, generator),
@@ -131,7 +135,6 @@ def run_sampling(params: Params) -> list[str]:
 
 @reports_errors
 def main() -> None:
-    torch.set_grad_enabled(False)
     names = run_sampling(load_params())
     print(f"wrote {len(names)} figures to {FIGURES}/: {', '.join(names)}")
 
