@@ -27,8 +27,12 @@ def register(params: Params, run_id: str, metrics: dict) -> str:
         "params_hash": registry.params_hash(recipe),
         "git.commit": tracking.git_tags()["git.commit"],
     }
-    version = registry.register(MlflowClient(), params.registry.model_name, run_id, metrics, tags)
-    return f"registered as {version.name} version {version.version} (@{registry.CANDIDATE})"
+    client = MlflowClient()
+    version = registry.register(client, params.registry.model_name, run_id, metrics, tags)
+    said = f"registered as {version.name} version {version.version} (@{registry.CANDIDATE})"
+    if not registry.has_champion(client, version.name):  # the first model ever evaluated
+        said += "; " + registry.promote(client, params.registry)
+    return said
 
 
 def run_evaluation(params: Params) -> dict:

@@ -48,6 +48,14 @@ def register(
     return client.get_model_version(name, version.version)
 
 
+def has_champion(client: MlflowClient, name: str) -> bool:
+    try:
+        client.get_model_version_by_alias(name, CHAMPION)
+    except MlflowException:
+        return False
+    return True
+
+
 def _version(client: MlflowClient, name: str, version: str | None, alias: str) -> ModelVersion:
     try:
         client.get_registered_model(name)
@@ -89,12 +97,9 @@ def decide(
     """Whether the candidate (or `version`) should become @champion, and why."""
     candidate = _version(client, cfg.model_name, version, CANDIDATE)
     new = metric_of(candidate, cfg.metric)
-    try:
-        champion = client.get_model_version_by_alias(cfg.model_name, CHAMPION)
-    except MlflowException:
-        champion = None
-    if champion is None:
+    if not has_champion(client, cfg.model_name):
         return Decision(True, candidate, None, f"first champion ({cfg.metric} {new:.4f})")
+    champion = client.get_model_version_by_alias(cfg.model_name, CHAMPION)
     if champion.version == candidate.version:
         return Decision(
             False, candidate, champion, f"version {candidate.version} is already champion"

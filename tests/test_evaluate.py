@@ -89,9 +89,13 @@ def test_evaluate_logs_to_the_run_that_trained_the_model(workdir: Path) -> None:
     assert metrics["iwae_samples"] == 8 and len(metrics["kl_per_dim"]) == 4
     assert set(metrics["loss_per_class"]) == {str(d) for d in range(10)}
     assert metrics["log_px_iwae"] >= metrics["elbo"] - 1.0
-    run = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}").get_run(run_id)
+    client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+    run = client.get_run(run_id)
     assert run.data.metrics["eval/test_loss"] == pytest.approx(metrics["test_loss"])
     assert run.data.metrics["eval/kl_per_dim/z03"] == pytest.approx(metrics["kl_per_dim"]["z03"])
+    # the first model ever evaluated is both @candidate and @champion
+    for alias in ("candidate", "champion"):
+        assert client.get_model_version_by_alias("mnist-vae", alias).run_id == run_id
 
 
 def test_evaluate_falls_back_to_a_new_tagged_run(workdir: Path, capsys) -> None:
@@ -167,3 +171,14 @@ def test_dynamic_binarisation_trains_and_evaluates_on_binary_pixels(
 def run_evaluation_after_training() -> dict:
     train_tiny()
     return run_evaluation(load_params())
+
+
+def test_a_later_model_becomes_candidate_but_not_champion(workdir: Path, set_params) -> None:
+    first = train_tiny()
+    run_evaluation(load_params())
+    set_params(workdir, train={"seed": 1})
+    second = train_tiny()
+    run_evaluation(load_params())
+    client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+    assert client.get_model_version_by_alias("mnist-vae", "candidate").run_id == second
+    assert client.get_model_version_by_alias("mnist-vae", "champion").run_id == first

@@ -145,11 +145,12 @@ def test_the_registry_has_the_evaluated_model_as_candidate(reproduced: tuple[Pat
 
 @pytest.fixture(scope="session")
 def champion(reproduced: tuple[Path, str]) -> Path:
-    """The reproduced repository after `python -m pipeline promote`."""
+    """The reproduced repository, whose first evaluated model is @champion."""
     repo, _ = reproduced
     result = python_m(repo, "pipeline", "promote")
     assert result.returncode == 0, result.stderr
-    assert result.stdout.startswith("promote v1 to @champion: first champion")
+    # evaluate made the first model champion; promoting it again changes nothing
+    assert result.stdout.startswith("keep @champion on v1: version 1 is already champion")
     return repo
 
 
