@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 from dataclasses import asdict
 
+import matplotlib.pyplot as plt
 import mlflow
 import torch
 
@@ -131,7 +132,9 @@ def train(params: Params) -> None:
             on_epoch=lambda row: log_epoch(row, model, fixed_z),
         )
         write_outputs(history, model, run_id, experiment_id)
-        mlflow.log_figure(loss_curves([asdict(row) for row in history]), "figures/loss_curves.png")
+        curves = loss_curves([asdict(row) for row in history])
+        mlflow.log_figure(curves, "figures/loss_curves.png")
+        plt.close(curves)
         tracking.log_generator(model.generator(), model_cfg.latent_dim)
         mlflow.log_artifact(str(WEIGHTS), "weights")
     CHECKPOINT.unlink(missing_ok=True)

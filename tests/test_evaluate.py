@@ -1,6 +1,7 @@
 import json
 from pathlib import Path
 
+import matplotlib.pyplot as plt
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
@@ -148,6 +149,8 @@ def test_every_figure_has_a_title_and_the_latent_plot_shows_ten_classes(workdir:
     latent = drawn["latent_space"].axes[0]
     assert [t.get_text() for t in latent.get_legend().get_texts()] == [str(d) for d in range(10)]
     assert latent.get_xlabel().startswith("PC 1") and latent.get_ylabel().startswith("PC 2")
+    for fig in drawn.values():
+        plt.close(fig)
 
 
 def test_dynamic_binarisation_trains_and_evaluates_on_binary_pixels(
