@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import json
-import subprocess
 import urllib.request
 from pathlib import Path
 
@@ -13,7 +12,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from helpers import FIGURE_NAMES, dvc, environment, free_port, python_m, store, wait_for
+from helpers import (
+    FIGURE_NAMES,
+    dvc,
+    free_port,
+    python_m,
+    start_server,
+    stop_server,
+    store,
+    wait_for,
+)
 from pipeline import data
 from pipeline.data import raw_dir
 from pipeline.paths import (
@@ -165,7 +173,7 @@ def test_the_champion_loads_as_a_pyfunc_from_the_registry(champion: Path) -> Non
 
 def test_mlflow_models_serve_answers_with_images(champion: Path) -> None:
     port = free_port()
-    server = subprocess.Popen(
+    server = start_server(
         [
             "mlflow",
             "models",
@@ -179,11 +187,7 @@ def test_mlflow_models_serve_answers_with_images(champion: Path) -> None:
             "--port",
             str(port),
         ],
-        cwd=champion,
-        env=environment(MLFLOW_TRACKING_URI=f"sqlite:///{champion / 'mlflow.db'}"),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
+        MLFLOW_TRACKING_URI=f"sqlite:///{champion / 'mlflow.db'}",
     )
     try:
         wait_for(f"http://127.0.0.1:{port}/ping", server, seconds=120)
@@ -197,8 +201,7 @@ def test_mlflow_models_serve_answers_with_images(champion: Path) -> None:
             images = np.asarray(json.loads(response.read())["predictions"])
         assert images.shape == (3, 784) and images.min() >= 0 and images.max() <= 1
     finally:
-        server.terminate()
-        server.wait(timeout=30)
+        stop_server(server)
 
 
 def test_generate_writes_a_grid_of_digits(champion: Path, tmp_path: Path) -> None:

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
 import socket
 import subprocess
 import time
@@ -16,7 +14,7 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
-from helpers import dvc, environment, free_port, git_commit, python_m, store, wait_for
+from helpers import dvc, free_port, git_commit, python_m, start_server, stop_server, store, wait_for
 from pipeline import train as train_stage
 from pipeline.config import load_params
 from pipeline.paths import EVAL_METRICS, FIGURES, RUN_INFO, TRAIN_SPLIT, WEIGHTS
@@ -129,7 +127,7 @@ def test_dvc_push_then_pull_into_a_fresh_clone_restores_everything(
 def mlflow_server(tmp_path: Path) -> str:
     """`mlflow server` on a free loopback port: SQLite backend, local artifact folder."""
     port = free_port()
-    server = subprocess.Popen(
+    server = start_server(
         [
             "mlflow",
             "server",
@@ -141,20 +139,14 @@ def mlflow_server(tmp_path: Path) -> str:
             f"sqlite:///{tmp_path / 'server.db'}",
             "--artifacts-destination",
             str(tmp_path / "artifacts"),
-        ],
-        env=environment(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,  # its workers form a group we can stop together
+        ]
     )
     url = f"http://127.0.0.1:{port}"
     try:
         wait_for(f"{url}/health", server, seconds=120)
         yield url
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=30)
+        stop_server(server)
 
 
 def test_training_against_a_real_tracking_server(
