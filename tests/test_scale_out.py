@@ -128,18 +128,9 @@ def mlflow_server(tmp_path: Path) -> str:
     """`mlflow server` on a free loopback port: SQLite backend, local artifact folder."""
     port = free_port()
     server = start_server(
-        [
-            "mlflow",
-            "server",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--backend-store-uri",
-            f"sqlite:///{tmp_path / 'server.db'}",
-            "--artifacts-destination",
-            str(tmp_path / "artifacts"),
-        ]
+        ["mlflow", "server", "--host", "127.0.0.1", "--port", str(port)]
+        + ["--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}"]
+        + ["--artifacts-destination", str(tmp_path / "artifacts")]
     )
     url = f"http://127.0.0.1:{port}"
     try:
