@@ -173,9 +173,9 @@ def test_the_champion_loads_as_a_pyfunc_from_the_registry(champion: Path) -> Non
 
 def test_mlflow_models_serve_answers_with_images(champion: Path) -> None:
     port = free_port()
-    command = "mlflow models serve -m models:/mnist-vae@champion --env-manager local".split()
     server = start_server(
-        [*command, "--host", "127.0.0.1", "--port", str(port)],
+        ["mlflow", "models", "serve", "-m", "models:/mnist-vae@champion"]
+        + ["--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)],
         MLFLOW_TRACKING_URI=f"sqlite:///{champion / 'mlflow.db'}",
     )
     try:
