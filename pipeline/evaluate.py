@@ -42,8 +42,7 @@ def run_evaluation(params: Params) -> dict:
             f"registry.metric = {params.registry.metric!r} is not an evaluate metric; "
             f"use one of: {', '.join(SCALAR_METRICS)}"
         )
-    trained_in = tracking.read_run_info(RUN_INFO)["run_id"]
-    with tracking.attached_run(params.mlflow.experiment, RUN_INFO) as run:
+    with tracking.attached_run(params.mlflow.experiment, RUN_INFO) as (run, attached):
         model = load_vae(WEIGHTS)
         images, labels = load_split(TEST_SPLIT)
         if params.data.binarize == "dynamic":  # the same binarised test set training reported on
@@ -60,8 +59,8 @@ def run_evaluation(params: Params) -> dict:
         write_json(EVAL_METRICS, metrics)
         mlflow.log_metrics(tracking.flatten_metrics(metrics, "eval"))
         mlflow.log_dict(metrics, "evaluation/metrics.json")
-        if run.info.run_id == trained_in:
-            print(register(params, trained_in, metrics))
+        if attached:
+            print(register(params, run.info.run_id, metrics))
         else:
             print("not registered: the model's MLflow run is not in this store")
     return metrics

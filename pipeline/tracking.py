@@ -136,23 +136,22 @@ def read_run_info(path: Path) -> dict:
 
 
 @contextmanager
-def attached_run(experiment: str, run_info: Path) -> Iterator[mlflow.ActiveRun]:
-    """The MLflow run that trained the model, or a new run tagged with its id when this store
-    does not have it (outputs restored from a DVC cache made on another machine)."""
+def attached_run(experiment: str, run_info: Path) -> Iterator[tuple[mlflow.ActiveRun, bool]]:
+    """The MLflow run that trained the model and True; or, when this store does not have it
+    (outputs restored from a DVC cache made elsewhere), a new run tagged with its id and False."""
     experiment_id = connect(experiment)
     trained_in = read_run_info(run_info)["run_id"]
-    if not run_exists(trained_in):
-        with mlflow.start_run(
-            experiment_id=experiment_id, tags={"trained_in_run": trained_in}
-        ) as run:
-            print(
-                f"MLflow run {trained_in} (from {run_info}) is not in {tracking_uri()}; "
-                f"logging to new run {run.info.run_id}, tagged trained_in_run={trained_in}"
-            )
-            yield run
+    if run_exists(trained_in):
+        with mlflow.start_run(run_id=trained_in) as run:
+            yield run, True
         return
-    with mlflow.start_run(run_id=trained_in) as run:
-        yield run
+    tags = {"trained_in_run": trained_in}
+    with mlflow.start_run(experiment_id=experiment_id, tags=tags) as run:
+        print(
+            f"MLflow run {trained_in} (from {run_info}) is not in {tracking_uri()}; "
+            f"logging to new run {run.info.run_id}, tagged trained_in_run={trained_in}"
+        )
+        yield run, False
 
 
 def flatten_metrics(metrics: dict, prefix: str) -> dict[str, float]:
