@@ -30,6 +30,7 @@ from pipeline.training import (
     Epoch,
     fingerprint,
     fit,
+    flush_denormals,
     load_checkpoint,
     make_optimizer,
     pick_device,
@@ -73,6 +74,7 @@ def write_outputs(history: list[Epoch], model: VAE, run_id: str, experiment_id: 
 
 
 def train(params: Params) -> None:
+    flush_denormals()  # first: the worker threads started by the first parallel op inherit it
     model_cfg, cfg = params.model, params.train
     device = pick_device(cfg.device)
     experiment_id = tracking.connect(params.mlflow.experiment)  # fails fast, before any training

@@ -61,6 +61,17 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def flush_denormals() -> None:
+    """Treat subnormal floats as zero, on this thread and on the worker threads torch starts later.
+
+    Adam's running mean for pixels that are nearly always 0 decays into subnormals (over 80K values
+    after one epoch), which the CPU computes far more slowly: epochs grew from 1.4 s to 1.7 s, and
+    stay at 1.35 s with this. No digit of the lab's curve moved. Worker threads copy the setting
+    when they start, so call this before torch's first parallel operation.
+    """
+    torch.set_flush_denormal(True)
+
+
 def make_optimizer(model: VAE, lr: float) -> torch.optim.Optimizer:
     """Adam, as the lab; fused: one kernel per step instead of a Python loop over parameters
     (0.7 s of a 2 s epoch on 2 CPU cores)."""

@@ -175,6 +175,21 @@ def test_an_unreachable_tracking_server_fails_fast_before_training(
     assert not CHECKPOINT.exists() and not WEIGHTS.exists()
 
 
+def test_flush_denormals_reaches_the_worker_threads_torch_starts_later() -> None:
+    # A fresh process: the flag belongs to each thread, and this process's workers already run.
+    probe = (
+        "import torch\n"
+        "from pipeline.training import flush_denormals\n"
+        "torch.set_num_threads(2)\n"
+        "flush_denormals()\n"
+        "x = torch.full((1 << 20,), 1e-30) * 1e-10\n"  # 1e-40, subnormal unless flushed
+        "print(int(x.count_nonzero()))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split()[-1] == "0"
+
+
 def test_cuda_requested_without_a_gpu_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(PipelineError, match="train.device = 'cuda' but no CUDA device"):
