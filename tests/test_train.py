@@ -190,6 +190,19 @@ def test_flush_denormals_reaches_the_worker_threads_torch_starts_later() -> None
     assert result.stdout.split()[-1] == "0"
 
 
+def test_training_flushes_subnormals_before_it_loads_any_data(
+    workdir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = []
+    load_split = train_stage.load_split
+    monkeypatch.setattr(train_stage, "flush_denormals", lambda: calls.append("flush"))
+    monkeypatch.setattr(
+        train_stage, "load_split", lambda *args: calls.append("load") or load_split(*args)
+    )
+    run_train()
+    assert calls[:2] == ["flush", "load"]
+
+
 def test_cuda_requested_without_a_gpu_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(PipelineError, match="train.device = 'cuda' but no CUDA device"):
