@@ -1,3 +1,6 @@
+import subprocess
+import sys
+
 import torch
 import torch.nn.functional as F
 
@@ -57,3 +60,23 @@ def test_generator_is_the_decoder_with_its_sigmoid() -> None:
     model = VAE(hidden_dim=16, latent_dim=2)
     z = torch.randn(5, 2)
     assert torch.allclose(model.generator()(z), model.decode(z))
+
+
+def test_importing_the_package_runs_exp_and_log_on_one_element_first() -> None:
+    # pytorch/pytorch#188792 (see pipeline/__init__.py) cannot be triggered on demand, so check the
+    # workaround: before any stage code runs, oneMKL has served exp and log (the vector-math
+    # functions the model and evaluation call) on a single element, which stays on one thread.
+    probe = (
+        "import torch\n"
+        "calls = []\n"
+        "for name in ('exp', 'log'):\n"
+        "    def spy(x, name=name, real=getattr(torch, name)):\n"
+        "        calls.append((name, x.numel()))\n"
+        "        return real(x)\n"
+        "    setattr(torch, name, spy)\n"
+        "import pipeline.model\n"
+        "print(calls)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[('exp', 1), ('log', 1)]"
