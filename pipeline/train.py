@@ -42,6 +42,17 @@ GRID_SIZE = 64  # the digits decoded from the same latent vectors after every ep
 
 def log_epoch(row: Epoch, model: VAE, fixed_z: torch.Tensor, grid: bool = True) -> None:
     """The epoch's metrics, and (when `model` is the epoch's model) its grid of digits."""
+    if grid:
+        # Written before the metrics, and synchronously (mlflow.log_image defaults to a queue):
+        # a step with metrics then always has its grid, even after kill -9, which is what resume
+        # checks. The queue would also cost up to 1 s at exit, joined once per run.
+        with torch.no_grad():
+            mlflow.log_image(
+                digit_grid(model.eval().decode(fixed_z), nrow=8),
+                key="generated",
+                step=row.epoch,
+                synchronous=True,
+            )
     values = asdict(row)
     metrics = {
         f"{split}/{term}": values[f"{split}_{term}"]
@@ -50,12 +61,6 @@ def log_epoch(row: Epoch, model: VAE, fixed_z: torch.Tensor, grid: bool = True) 
     }
     metrics["train/epoch_seconds"] = row.seconds
     mlflow.log_metrics(metrics, step=row.epoch)
-    if not grid:
-        return
-    with torch.no_grad():
-        mlflow.log_image(
-            digit_grid(model.eval().decode(fixed_z), nrow=8), key="generated", step=row.epoch
-        )
 
 
 def write_outputs(history: list[Epoch], model: VAE, run_id: str, experiment_id: str) -> None:

@@ -4,6 +4,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -83,6 +84,29 @@ def test_a_run_logs_every_epoch_the_grids_and_a_model_that_loads_back(workdir: P
     assert rows[0].startswith("epoch,train_loss,train_recon,train_kl,test_loss")
     assert len(rows) == 4
     assert not CHECKPOINT.exists()  # a finished run leaves no checkpoint to resume from
+
+
+def mlflow_queue_threads() -> set[threading.Thread]:
+    return {t for t in threading.enumerate() if t.name.startswith("MLflowAsync")}
+
+
+def test_an_epochs_grid_is_stored_before_its_metrics_and_without_a_queue(
+    workdir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Resume re-logs the epochs whose metrics are missing. So metrics in the store must mean the
+    # grid is there too, even when the process dies right after them: no queue holds it back.
+    queues = mlflow_queue_threads()
+
+    def die(*args, **kwargs):
+        raise Crash
+
+    monkeypatch.setattr(mlflow, "log_metrics", die)
+    with pytest.raises(Crash):
+        run_train()
+    run_id = torch.load(CHECKPOINT, weights_only=True)["run_id"]
+    grids = [a.path for a in client().list_artifacts(run_id, "images") if a.path.endswith(".png")]
+    assert len(grids) == 1 and "generated+step+1+" in grids[0]
+    assert mlflow_queue_threads() == queues
 
 
 def test_same_params_and_seed_give_identical_metrics(workdir: Path) -> None:
