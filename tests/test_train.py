@@ -267,6 +267,8 @@ def test_kill_9_mid_run_then_resume_matches_an_uninterrupted_run(
     run_id = json.loads(RUN_INFO.read_text())["run_id"]
     steps = [m.step for m in client().get_metric_history(run_id, "test/loss")]
     assert steps == list(range(1, 13))
+    grids = [a.path for a in client().list_artifacts(run_id, "images") if a.path.endswith(".png")]
+    assert {int(path.split("+step+")[1].split("+")[0]) for path in grids} == set(range(1, 13))
     assert client().get_run(run_id).info.status == "FINISHED"
 
 
