@@ -83,6 +83,12 @@ def store(repo: Path) -> MlflowClient:
     return MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
 
 
+def grid_steps(client: MlflowClient, run_id: str) -> list[int]:
+    """The steps of the run's `generated` grids, one entry per PNG logged."""
+    paths = [a.path for a in client.list_artifacts(run_id, "images") if a.path.endswith(".png")]
+    return sorted(int(path.split("generated+step+")[1].split("+")[0]) for path in paths)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -16,6 +16,7 @@ from helpers import (
     FIGURE_NAMES,
     dvc,
     free_port,
+    grid_steps,
     python_m,
     start_server,
     stop_server,
@@ -127,8 +128,7 @@ def test_the_mlflow_store_holds_the_whole_run(reproduced: tuple[Path, str]) -> N
     assert run.info.status == "FINISHED"
     for key in ("train/loss", "train/recon", "train/kl", "test/loss", "test/recon", "test/kl"):
         assert [m.step for m in client.get_metric_history(run_id, key)] == list(range(1, 11)), key
-    grids = [a.path for a in client.list_artifacts(run_id, "images") if a.path.endswith(".png")]
-    assert len(grids) == 10  # one grid of digits per epoch
+    assert grid_steps(client, run_id) == list(range(1, 11))  # one grid of digits per epoch
     figures = {a.path for a in client.list_artifacts(run_id, "figures")}
     assert {
         "figures/loss_curves.png",

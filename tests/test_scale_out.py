@@ -14,7 +14,17 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
-from helpers import dvc, free_port, git_commit, python_m, start_server, stop_server, store, wait_for
+from helpers import (
+    dvc,
+    free_port,
+    git_commit,
+    grid_steps,
+    python_m,
+    start_server,
+    stop_server,
+    store,
+    wait_for,
+)
 from pipeline import train as train_stage
 from pipeline.config import load_params
 from pipeline.paths import EVAL_METRICS, FIGURES, RUN_INFO, TRAIN_SPLIT, WEIGHTS
@@ -149,8 +159,7 @@ def test_training_against_a_real_tracking_server(
     client = MlflowClient(mlflow_server)
     for key in ("train/loss", "test/kl"):
         assert [m.step for m in client.get_metric_history(run_id, key)] == [1, 2, 3]
-    images = [a.path for a in client.list_artifacts(run_id, "images") if a.path.endswith(".png")]
-    assert len(images) == 3
+    assert grid_steps(client, run_id) == [1, 2, 3]
     mlflow.set_tracking_uri(mlflow_server)
     z = np.zeros((2, 4), dtype=np.float32)
     assert mlflow.pyfunc.load_model(f"runs:/{run_id}/model").predict(z).shape == (2, 784)

@@ -14,6 +14,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
+from helpers import grid_steps
 from pipeline import train as train_stage
 from pipeline import training
 from pipeline.config import load_params
@@ -47,12 +48,6 @@ def client() -> MlflowClient:
     return MlflowClient(tracking_uri=f"sqlite:///{Path.cwd() / 'mlflow.db'}")
 
 
-def grid_steps(run_id: str) -> list[int]:
-    """The steps of the run's `generated` grids, one entry per PNG logged."""
-    paths = [a.path for a in client().list_artifacts(run_id, "images") if a.path.endswith(".png")]
-    return sorted(int(path.split("generated+step+")[1].split("+")[0]) for path in paths)
-
-
 def test_a_run_logs_every_epoch_the_grids_and_a_model_that_loads_back(workdir: Path) -> None:
     final = run_train()
     run_id = json.loads(RUN_INFO.read_text())["run_id"]
@@ -63,7 +58,7 @@ def test_a_run_logs_every_epoch_the_grids_and_a_model_that_loads_back(workdir: P
     assert run.data.params["model.hidden_dim"] == "32" and run.data.params["train.lr"] == "0.001"
     assert run.data.tags["device"] == "cpu" and "git.commit" in run.data.tags
     assert run.data.tags["torch.version"] == torch.__version__
-    assert grid_steps(run_id) == [1, 2, 3]
+    assert grid_steps(client(), run_id) == [1, 2, 3]
     assert {a.path for a in client().list_artifacts(run_id, "figures")} == {
         "figures/loss_curves.png"
     }
@@ -106,7 +101,7 @@ def test_an_epochs_grid_is_stored_before_its_metrics_and_without_a_queue(
     with pytest.raises(Crash):
         run_train()
     run_id = torch.load(CHECKPOINT, weights_only=True)["run_id"]
-    assert grid_steps(run_id) == [1]
+    assert grid_steps(client(), run_id) == [1]
     assert mlflow_queue_threads() == queues
 
 
@@ -268,7 +263,9 @@ def test_kill_9_mid_run_then_resume_matches_an_uninterrupted_run(
     run_id = json.loads(RUN_INFO.read_text())["run_id"]
     steps = [m.step for m in client().get_metric_history(run_id, "test/loss")]
     assert steps == list(range(1, 13))
-    assert set(grid_steps(run_id)) == set(range(1, 13))  # a step's grid may be logged twice
+    assert set(grid_steps(client(), run_id)) == set(
+        range(1, 13)
+    )  # a step's grid may be logged twice
     assert client().get_run(run_id).info.status == "FINISHED"
 
 
