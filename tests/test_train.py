@@ -14,7 +14,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from helpers import grid_steps
+from helpers import grid_steps, store
 from pipeline import train as train_stage
 from pipeline import training
 from pipeline.config import load_params
@@ -45,7 +45,7 @@ def run_train() -> dict:
 
 
 def client() -> MlflowClient:
-    return MlflowClient(tracking_uri=f"sqlite:///{Path.cwd() / 'mlflow.db'}")
+    return store(Path.cwd())  # the workdir fixture makes the test's repo the working directory
 
 
 def test_a_run_logs_every_epoch_the_grids_and_a_model_that_loads_back(workdir: Path) -> None:
