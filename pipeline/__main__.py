@@ -15,7 +15,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from torchvision.utils import save_image
 
-from pipeline import registry, tracking
+from pipeline import registry, runtime, tracking
 from pipeline.config import load_params
 from pipeline.errors import PipelineError, reports_errors
 
@@ -62,6 +62,7 @@ def parser() -> argparse.ArgumentParser:
 @reports_errors
 def main() -> None:
     args = parser().parse_args()
+    runtime.start()
     if getattr(args, "n", 1) < 1:
         raise PipelineError(f"-n {args.n}: ask for at least one digit")
     args.run(args)

@@ -20,6 +20,7 @@ import torch
 from torch.utils.data import DataLoader
 from torchvision import datasets, transforms
 
+from pipeline import runtime
 from pipeline.config import load_params
 from pipeline.data import load_split
 from pipeline.errors import reports_errors
@@ -64,6 +65,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
+    runtime.start()
     flush_denormals()  # as the train stage does, for all three paths alike
     params = load_params()
     hidden, latent = params.model.hidden_dim, params.model.latent_dim

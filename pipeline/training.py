@@ -6,19 +6,15 @@ batch's loss terms stay on the device and are read once per epoch.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import sys
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields
-from pathlib import Path
+from collections.abc import Iterator
+from dataclasses import dataclass, fields
 
 import torch
 from tqdm import tqdm
 
 from pipeline.errors import PipelineError
-from pipeline.files import atomic_path
 from pipeline.model import VAE, loss_terms
 
 
@@ -48,7 +44,9 @@ class Epoch:
         )
 
 
-HISTORY_FIELDS = tuple(f.name for f in fields(Epoch))  # the columns of plots/train_history.csv
+# The columns of plots/train_history.csv: results only. Seconds differ on every run, so they go to
+# MLflow, not into a file that git tracks.
+HISTORY_FIELDS = tuple(f.name for f in fields(Epoch) if f.name != "seconds")
 
 
 def pick_device(name: str) -> torch.device:
@@ -133,88 +131,26 @@ def evaluate_loss(
     return recon_mean, kl_mean
 
 
-def fingerprint(config: dict, data_file: Path) -> str:
-    """Identifies what a checkpoint was trained on: params and the exact training data."""
-    digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
-    with data_file.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def save_checkpoint(
-    path: Path,
-    key: str,
-    model: VAE,
-    optimizer: torch.optim.Optimizer,
-    history: list[Epoch],
-    run_id: str,
-) -> None:
-    state = {
-        "fingerprint": key,
-        "epoch": history[-1].epoch if history else 0,
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "rng": rng_state(),
-        "history": [asdict(row) for row in history],
-        "run_id": run_id,
-    }
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
-
-
-def load_checkpoint(path: Path, key: str) -> dict | None:
-    """The checkpoint at `path` if it was made with the same params and data, else None."""
-    if not path.is_file():
-        return None
-    try:
-        state = torch.load(path, weights_only=True, map_location="cpu")
-    except Exception as exc:  # an unreadable checkpoint is not worth stopping for
-        print(f"ignoring unreadable checkpoint {path}: {exc}", file=sys.stderr)
-        return None
-    if state.get("fingerprint") != key:
-        print(f"ignoring checkpoint {path}: it was made with other params or data", file=sys.stderr)
-        return None
-    return state
-
-
 def fit(
     model: VAE,
     optimizer: torch.optim.Optimizer,
     train_images: torch.Tensor,
     test_images: torch.Tensor,
     *,
+    first_epoch: int,
     epochs: int,
     batch_size: int,
     binarize: bool,
-    checkpoint: Path,
-    key: str,
-    run_id: str,
-    history: list[Epoch],
-    on_epoch: Callable[[Epoch], None],
-) -> list[Epoch]:
-    """Train from the epoch after `history`'s last to `epochs`, checkpointing after each."""
-    for epoch in range(len(history) + 1, epochs + 1):
+) -> Iterator[Epoch]:
+    """Train epochs `first_epoch`..`epochs`, yielding each one's history row as it ends."""
+    for epoch in range(first_epoch, epochs + 1):
         start = time.perf_counter()
         train_recon, train_kl = train_epoch(
             model, optimizer, train_images, batch_size, binarize, epoch, epochs
         )
         seconds = time.perf_counter() - start
         test_recon, test_kl = evaluate_loss(model, test_images)
-        row = Epoch(
+        yield Epoch(
             epoch,
             train_recon + train_kl,
             train_recon,
@@ -224,8 +160,3 @@ def fit(
             test_kl,
             seconds,
         )
-        history = [*history, row]
-        save_checkpoint(checkpoint, key, model, optimizer, history, run_id)
-        print(row.line(epochs), flush=True)
-        on_epoch(row)
-    return history

@@ -98,7 +98,10 @@ def test_stage_exits_2_with_one_line_and_touches_no_output(tmp_path: Path) -> No
     existing.parent.mkdir(parents=True)
     existing.write_bytes(b"kept")
     result = subprocess.run(
-        [sys.executable, "-m", "pipeline.download"], cwd=tmp_path, capture_output=True, text=True
+        [sys.executable, "-m", "pipeline.stages.download"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
     )
     assert result.returncode == 2
     assert result.stderr.strip() == "error: params.yaml: data.source = 42 must be a string"

@@ -137,8 +137,8 @@ def test_unknown_source_is_a_clear_error(tmp_path: Path) -> None:
 
 def test_load_split_scales_to_unit_interval(tmp_path: Path) -> None:
     images = torch.tensor([[[0, 255], [51, 102]]], dtype=torch.uint8)
-    data.save_split(tmp_path / "s.pt", images, torch.tensor([7]))
-    x, y = data.load_split(tmp_path / "s.pt")
+    data.save_split(tmp_path / "s.safetensors", images, torch.tensor([7]))
+    x, y = data.load_split(tmp_path / "s.safetensors")
     assert x.dtype == torch.float32 and x.shape == (1, 4)
     assert torch.allclose(x, torch.tensor([[0.0, 1.0, 0.2, 0.4]]))
     assert y.tolist() == [7]

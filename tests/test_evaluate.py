@@ -1,20 +1,20 @@
 import json
 from pathlib import Path
 
-import matplotlib.pyplot as plt
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from helpers import FIGURE_NAMES
-from pipeline import train as train_stage
 from pipeline.config import load_params
-from pipeline.evaluate import run_evaluation
 from pipeline.evaluation import active_units, elbo_terms, iwae_log_likelihood, posterior_means
+from pipeline.figures import draw_all
 from pipeline.model import VAE, loss_terms
 from pipeline.paths import EVAL_METRICS, FIGURES, RUN_INFO
-from pipeline.sample import draw_all, read_history, run_sampling
+from pipeline.stages import train as train_stage
+from pipeline.stages.evaluate import run_evaluation
+from pipeline.stages.sample import read_history, run_sampling
 
 
 def trained_tiny_model() -> tuple[VAE, torch.Tensor]:
@@ -149,8 +149,6 @@ def test_every_figure_has_a_title_and_the_latent_plot_shows_ten_classes(workdir:
     latent = drawn["latent_space"].axes[0]
     assert [t.get_text() for t in latent.get_legend().get_texts()] == [str(d) for d in range(10)]
     assert latent.get_xlabel().startswith("PC 1") and latent.get_ylabel().startswith("PC 2")
-    for fig in drawn.values():
-        plt.close(fig)
 
 
 def test_dynamic_binarisation_trains_and_evaluates_on_binary_pixels(

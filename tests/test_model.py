@@ -1,9 +1,13 @@
+import importlib
 import subprocess
 import sys
+from pathlib import Path
 
+import pytest
 import torch
 import torch.nn.functional as F
 
+from pipeline import runtime
 from pipeline.model import VAE, kl_divergence, loss_terms, reconstruction_loss, reparameterize
 
 
@@ -62,21 +66,56 @@ def test_generator_is_the_decoder_with_its_sigmoid() -> None:
     assert torch.allclose(model.generator()(z), model.decode(z))
 
 
-def test_importing_the_package_runs_exp_and_log_on_one_element_first() -> None:
-    # pytorch/pytorch#188792 (see pipeline/__init__.py) cannot be triggered on demand, so check the
-    # workaround: before any stage code runs, oneMKL has served exp and log (the vector-math
-    # functions the model and evaluation call) on a single element, which stays on one thread.
-    probe = (
-        "import torch\n"
-        "calls = []\n"
-        "for name in ('exp', 'log'):\n"
-        "    def spy(x, name=name, real=getattr(torch, name)):\n"
-        "        calls.append((name, x.numel()))\n"
-        "        return real(x)\n"
-        "    setattr(torch, name, spy)\n"
-        "import pipeline.model\n"
-        "print(calls)\n"
+PACKAGE = Path(__file__).resolve().parent.parent / "pipeline"
+STAGES = ("download", "preprocess", "train", "evaluate", "sample")
+LIBRARY_MODULES = sorted(
+    [p.stem for p in PACKAGE.glob("*.py") if p.stem != "__init__"]
+    + [f"stages.{stage}" for stage in STAGES]
+)
+SPY_ON_EXP_AND_LOG = (
+    "import sys, torch\n"
+    "calls = []\n"
+    "for name in ('exp', 'log'):\n"
+    "    def spy(x, name=name, real=getattr(torch, name)):\n"
+    "        calls.append((name, x.numel()))\n"
+    "        return real(x)\n"
+    "    setattr(torch, name, spy)\n"
+)
+
+
+def run_probe(code: str, cwd: Path | None = None) -> str:
+    result = subprocess.run(
+        [sys.executable, "-c", SPY_ON_EXP_AND_LOG + code], capture_output=True, text=True, cwd=cwd
     )
-    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "[('exp', 1), ('log', 1)]"
+    return result.stdout.strip()
+
+
+def test_importing_the_library_changes_nothing_global() -> None:
+    modules = ", ".join(f"pipeline.{name}" for name in LIBRARY_MODULES)
+    code = f"import os\nmask = os.umask(0o22)\nimport {modules}\nprint(calls, os.umask(mask))\n"
+    assert run_probe(code) == "[] 18"  # no vector math ran, the umask is still 0o22
+
+
+def test_runtime_start_runs_exp_and_log_on_one_element() -> None:
+    # pytorch/pytorch#188792 (see pipeline/runtime.py) cannot be triggered on demand, so check the
+    # workaround: oneMKL serves exp and log (the vector-math functions the model and evaluation
+    # call) first on a single element, which stays on one thread.
+    code = "from pipeline import runtime\nruntime.start()\nprint(calls)\n"
+    assert run_probe(code) == "[('exp', 1), ('log', 1)]"
+
+
+class Started(Exception):
+    pass
+
+
+@pytest.mark.parametrize("entry", [*(f"stages.{s}" for s in STAGES), "__main__", "bench"])
+def test_every_entry_point_starts_the_runtime_first(
+    entry: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # In an empty folder (no params.yaml, no data) anything done before the start would fail.
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["python", "promote"] if entry == "__main__" else ["python"])
+    monkeypatch.setattr(runtime, "start", lambda: (_ for _ in ()).throw(Started))
+    with pytest.raises(Started):
+        importlib.import_module(f"pipeline.{entry}").main()

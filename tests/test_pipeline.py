@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 import urllib.request
 from pathlib import Path
 
 import mlflow
 import numpy as np
 import pytest
+import yaml
 from PIL import Image
 
 from helpers import (
@@ -212,6 +214,30 @@ def test_generate_writes_a_grid_of_digits(champion: Path, tmp_path: Path) -> Non
     assert result.returncode == 0, result.stderr
     with Image.open(output) as image:
         assert image.format == "PNG" and image.size == (8 * 30 + 2, 8 * 30 + 2)
+
+
+def test_the_committed_lock_holds_for_the_data(reproduced: tuple[Path, str]) -> None:
+    # Deterministic bytes: raw and processed data hash the same on every machine, so `dvc repro`
+    # on a fresh clone leaves their entries in dvc.lock as committed.
+    repo, _ = reproduced
+    committed = yaml.safe_load((REPO_ROOT / "dvc.lock").read_text())["stages"]
+    rebuilt = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
+    for stage in ("download", "preprocess"):
+        assert rebuilt[stage]["outs"] == committed[stage]["outs"], stage
+
+
+def test_a_comment_in_preprocess_reruns_it_and_nothing_downstream(
+    reproduced: tuple[Path, str], tmp_path: Path
+) -> None:
+    repo = tmp_path / "repo"
+    shutil.copytree(reproduced[0], repo, symlinks=True)
+    module = repo / "pipeline" / "stages" / "preprocess.py"
+    module.write_text(module.read_text() + "# a comment changes the code's hash, not its output\n")
+    result = dvc(repo, "repro")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Running stage 'preprocess'" in result.stdout
+    for stage in ("download", "train", "evaluate", "sample"):
+        assert f"Running stage '{stage}'" not in result.stdout, stage
 
 
 def test_second_repro_changes_nothing(reproduced: tuple[Path, str]) -> None:

@@ -25,9 +25,9 @@ from helpers import (
     store,
     wait_for,
 )
-from pipeline import train as train_stage
 from pipeline.config import load_params
 from pipeline.paths import EVAL_METRICS, FIGURES, RUN_INFO, TRAIN_SPLIT, WEIGHTS
+from pipeline.stages import train as train_stage
 
 pytestmark = pytest.mark.slow
 
@@ -172,7 +172,7 @@ def test_a_server_that_does_not_answer_is_reported_in_one_line(workdir: Path) ->
         silent.listen()
         url = f"http://127.0.0.1:{silent.getsockname()[1]}"
         start = time.monotonic()
-        result = python_m(workdir, "pipeline.train", MLFLOW_TRACKING_URI=url)
+        result = python_m(workdir, "pipeline.stages.train", MLFLOW_TRACKING_URI=url)
         elapsed = time.monotonic() - start
     assert result.returncode == 1
     lines = result.stderr.strip().splitlines()

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict
-
 import mlflow
 from mlflow.tracking import MlflowClient
 
-from pipeline import registry, tracking
+from pipeline import registry, runtime, tracking
 from pipeline.config import Params, load_params
 from pipeline.data import binarize_once, load_split
 from pipeline.errors import ConfigError, reports_errors
@@ -15,24 +13,6 @@ from pipeline.evaluation import SCALAR_METRICS, evaluate
 from pipeline.files import write_json
 from pipeline.model import load_vae
 from pipeline.paths import EVAL_METRICS, RUN_INFO, TEST_SPLIT, WEIGHTS
-
-
-def register(params: Params, run_id: str, metrics: dict) -> str:
-    recipe = {
-        "data": asdict(params.data),
-        "model": asdict(params.model),
-        "train": asdict(params.train),
-    }
-    tags = {
-        "params_hash": registry.params_hash(recipe),
-        "git.commit": tracking.git_tags()["git.commit"],
-    }
-    client = MlflowClient()
-    version = registry.register(client, params.registry.model_name, run_id, metrics, tags)
-    said = f"registered as {version.name} version {version.version} (@{registry.CANDIDATE})"
-    if not registry.has_champion(client, version.name):  # the first model ever evaluated
-        said += "; " + registry.promote(client, params.registry)
-    return said
 
 
 def run_evaluation(params: Params) -> dict:
@@ -60,7 +40,7 @@ def run_evaluation(params: Params) -> dict:
         mlflow.log_metrics(tracking.flatten_metrics(metrics, "eval"))
         mlflow.log_dict(metrics, "evaluation/metrics.json")
         if attached:
-            print(register(params, run.info.run_id, metrics))
+            print(registry.register_evaluated(MlflowClient(), params, run.info.run_id, metrics))
         else:
             print("not registered: the model's MLflow run is not in this store")
     return metrics
@@ -68,6 +48,7 @@ def run_evaluation(params: Params) -> dict:
 
 @reports_errors
 def main() -> None:
+    runtime.start()
     metrics = run_evaluation(load_params())
     print(
         f"test loss {metrics['test_loss']:.4f} (recon {metrics['test_recon']:.4f}, "

@@ -5,6 +5,7 @@ from pathlib import Path
 
 from torchvision.datasets import MNIST
 
+from pipeline import runtime
 from pipeline.config import load_params
 from pipeline.data import DataError, raw_dir, save_split
 from pipeline.errors import reports_errors
@@ -21,7 +22,7 @@ def preprocess(raw_root: Path, out_dir: Path) -> dict[str, dict[str, int]]:
         except RuntimeError:
             missing = f"{raw_dir(raw_root)}: MNIST files not found; run `dvc repro download`"
             raise DataError(missing) from None
-        save_split(out_dir / f"{split}.pt", dataset.data, dataset.targets)
+        save_split(out_dir / f"{split}.safetensors", dataset.data, dataset.targets)
         per_class = Counter(dataset.targets.tolist())
         counts[split] = {str(digit): per_class[digit] for digit in range(10)}
     return counts
@@ -29,11 +30,12 @@ def preprocess(raw_root: Path, out_dir: Path) -> dict[str, dict[str, int]]:
 
 @reports_errors
 def main() -> None:
+    runtime.start()
     load_params()  # validate params.yaml like every stage, though nothing here is tunable
     counts = preprocess(RAW_ROOT, PROCESSED)
     write_json(CLASS_COUNTS, counts)
     sizes = ", ".join(f"{split} {sum(c.values())}" for split, c in counts.items())
-    print(f"wrote {PROCESSED}/train.pt and test.pt ({sizes} images)")
+    print(f"wrote {PROCESSED}/train.safetensors and test.safetensors ({sizes} images)")
 
 
 if __name__ == "__main__":

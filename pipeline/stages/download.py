@@ -1,5 +1,6 @@
 """DVC stage `download`: the four canonical MNIST IDX files, verified, under data/raw."""
 
+from pipeline import runtime
 from pipeline.config import load_params
 from pipeline.data import download_mnist, raw_dir
 from pipeline.errors import reports_errors
@@ -8,6 +9,7 @@ from pipeline.paths import RAW_ROOT
 
 @reports_errors
 def main() -> None:
+    runtime.start()
     params = load_params()
     source = download_mnist(RAW_ROOT, params.data.source, params.data.local_dir)
     how = "already present and verified" if source == "present" else f"verified, from {source}"

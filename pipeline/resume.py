@@ -1,0 +1,108 @@
+"""Resuming: a checkpoint after every epoch, and the MLflow run that a restarted process continues.
+
+A checkpoint holds the model, the optimizer, the RNG states, the history and the run id. It is
+resumed only when it was made with the same params and training data (its fingerprint) and its
+MLflow run is still in the store; otherwise training starts over. Checkpoints are working state,
+not DVC outputs, so they stay in torch's format, read back with `weights_only=True`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from pipeline import tracking
+from pipeline.config import Params
+from pipeline.files import atomic_path
+from pipeline.model import VAE
+from pipeline.training import Epoch
+
+
+@dataclass
+class Resumed:
+    history: list[Epoch]  # the epochs already trained (empty when starting over)
+    run_id: str | None  # the MLflow run to continue; None starts a new one
+
+
+def fingerprint(params: Params, data_file: Path) -> str:
+    """Identifies what a checkpoint was trained on: params and the exact training data."""
+    config = {
+        "model": asdict(params.model),
+        "train": asdict(params.train),
+        "binarize": params.data.binarize,
+    }
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
+    with data_file.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(
+    path: Path,
+    key: str,
+    model: VAE,
+    optimizer: torch.optim.Optimizer,
+    history: list[Epoch],
+    run_id: str,
+) -> None:
+    state = {
+        "fingerprint": key,
+        "epoch": history[-1].epoch if history else 0,
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "rng": rng_state(),
+        "history": [asdict(row) for row in history],
+        "run_id": run_id,
+    }
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def load_checkpoint(path: Path, key: str) -> dict | None:
+    """The checkpoint at `path` if it was made with the same params and data, else None."""
+    if not path.is_file():
+        return None
+    try:
+        state = torch.load(path, weights_only=True, map_location="cpu")
+    except Exception as exc:  # an unreadable checkpoint is not worth stopping for
+        print(f"ignoring unreadable checkpoint {path}: {exc}", file=sys.stderr)
+        return None
+    if state.get("fingerprint") != key:
+        print(f"ignoring checkpoint {path}: it was made with other params or data", file=sys.stderr)
+        return None
+    return state
+
+
+def resume_or_start(path: Path, key: str, model: VAE, optimizer: torch.optim.Optimizer) -> Resumed:
+    """Load a usable checkpoint into `model`, `optimizer` and the RNGs, or start afresh."""
+    state = load_checkpoint(path, key)
+    if state is None:
+        return Resumed([], None)
+    if not tracking.run_exists(state["run_id"]):
+        print(f"ignoring checkpoint {path}: its MLflow run {state['run_id']} is not in the store")
+        return Resumed([], None)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    set_rng_state(state["rng"])
+    history = [Epoch(**row) for row in state["history"]]
+    print(f"resuming after epoch {len(history)} from {path} (MLflow run {state['run_id']})")
+    return Resumed(history, state["run_id"])

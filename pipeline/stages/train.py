@@ -1,0 +1,109 @@
+"""DVC stage `train`: fit the VAE, record every epoch in MLflow, write weights, metrics, plots."""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import asdict
+
+import numpy as np
+import torch
+
+from pipeline import runtime, tracking
+from pipeline.config import Params, load_params
+from pipeline.data import binarize_once, load_split
+from pipeline.errors import reports_errors
+from pipeline.figures import digit_grid
+from pipeline.files import atomic_path, write_json
+from pipeline.model import VAE, save_vae
+from pipeline.paths import (
+    CHECKPOINT,
+    RUN_INFO,
+    TEST_SPLIT,
+    TRAIN_HISTORY,
+    TRAIN_METRICS,
+    TRAIN_SPLIT,
+    WEIGHTS,
+)
+from pipeline.resume import fingerprint, resume_or_start, save_checkpoint
+from pipeline.tracking import log_epoch
+from pipeline.training import (
+    HISTORY_FIELDS,
+    Epoch,
+    fit,
+    flush_denormals,
+    make_optimizer,
+    pick_device,
+)
+
+GRID_SIZE = 64  # the digits decoded from the same latent vectors after every epoch
+
+
+@torch.no_grad()
+def epoch_grid(model: VAE, fixed_z: torch.Tensor) -> np.ndarray:
+    return digit_grid(model.eval().decode(fixed_z), nrow=8)
+
+
+def write_outputs(history: list[Epoch], model: VAE, run_id: str, experiment_id: str) -> None:
+    save_vae(model, WEIGHTS)
+    tracking.write_run_info(RUN_INFO, run_id, experiment_id)
+    final = asdict(history[-1])
+    results = {key: final[key] for key in HISTORY_FIELDS if key != "epoch"}
+    write_json(TRAIN_METRICS, results | {"epochs": final["epoch"]})
+    with atomic_path(TRAIN_HISTORY) as tmp, tmp.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=HISTORY_FIELDS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(asdict(row) for row in history)
+
+
+def train(params: Params) -> None:
+    flush_denormals()  # first: the worker threads started by the first parallel op inherit it
+    cfg = params.train
+    device = pick_device(cfg.device)
+    experiment_id = tracking.connect(params.mlflow.experiment)  # fails fast, before any training
+    torch.manual_seed(cfg.seed)
+    train_x, _ = load_split(TRAIN_SPLIT, device)
+    test_x, _ = load_split(TEST_SPLIT, device)
+    binarize = params.data.binarize == "dynamic"
+    if binarize:
+        test_x = binarize_once(test_x, params.data.binarize_seed)
+    model = VAE(params.model.hidden_dim, params.model.latent_dim).to(device)
+    optimizer = make_optimizer(model, cfg.lr)
+    key = fingerprint(params, TRAIN_SPLIT)
+    resumed = resume_or_start(CHECKPOINT, key, model, optimizer)
+    history = resumed.history
+    seeded = torch.Generator().manual_seed(cfg.seed)
+    fixed_z = torch.randn(GRID_SIZE, model.latent_dim, generator=seeded).to(device)
+
+    with tracking.training_run(resumed.run_id, experiment_id, params, device) as run_id:
+        for row in tracking.unlogged(run_id, history):  # checkpointed, then killed before logging
+            # The model in hand is the last epoch's: only that epoch's grid can be drawn again.
+            log_epoch(row, epoch_grid(model, fixed_z) if row == history[-1] else None)
+        epochs = fit(
+            model,
+            optimizer,
+            train_x,
+            test_x,
+            first_epoch=len(history) + 1,
+            epochs=cfg.epochs,
+            batch_size=cfg.batch_size,
+            binarize=binarize,
+        )
+        for row in epochs:
+            history.append(row)
+            save_checkpoint(CHECKPOINT, key, model, optimizer, history, run_id)
+            print(row.line(cfg.epochs), flush=True)
+            log_epoch(row, epoch_grid(model, fixed_z))
+        write_outputs(history, model, run_id, experiment_id)
+        tracking.log_trained_model(model, history, WEIGHTS)
+    CHECKPOINT.unlink(missing_ok=True)
+    print(f"MLflow run {run_id} in {tracking.tracking_uri()}")
+
+
+@reports_errors
+def main() -> None:
+    runtime.start()
+    train(load_params())
+
+
+if __name__ == "__main__":
+    main()

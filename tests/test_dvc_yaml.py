@@ -1,0 +1,61 @@
+"""dvc.yaml against the code: every module a stage imports is one of its deps, so a change to
+shared code reruns exactly the stages that run it (and no stage claims code it never runs)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+STAGES = yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text())["stages"]
+DATA_FILES = {"pipeline/data.py": {"pipeline/mnist.json"}}  # read by the module at import
+
+
+def module_file(name: str) -> Path:
+    path = Path(*name.split("."))
+    return path / "__init__.py" if (REPO_ROOT / path).is_dir() else path.with_suffix(".py")
+
+
+def imported_files(module: str, seen: set[str] | None = None) -> set[str]:
+    """The pipeline files that importing `module` runs: itself, its packages, their imports."""
+    seen = set() if seen is None else seen
+    parts = module.split(".")
+    for depth in range(1, len(parts) + 1):  # importing a.b.c runs a/__init__ and a/b/__init__
+        name = ".".join(parts[:depth])
+        path = module_file(name)
+        if str(path) in seen or not (REPO_ROOT / path).is_file():
+            continue
+        seen.add(str(path))
+        seen |= DATA_FILES.get(str(path), set())
+        for node in ast.walk(ast.parse((REPO_ROOT / path).read_text())):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                # `from pipeline import tracking` imports the module pipeline.tracking
+                names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            else:
+                continue
+            for imported in names:
+                if imported.split(".")[0] == "pipeline":
+                    imported_files(imported, seen)
+    return seen
+
+
+@pytest.mark.parametrize("stage", sorted(STAGES))
+def test_a_stages_code_deps_are_exactly_what_it_imports(stage: str) -> None:
+    spec = STAGES[stage]
+    assert spec["cmd"] == f"python -m pipeline.stages.{stage}"
+    code_deps = {dep for dep in spec["deps"] if dep.startswith("pipeline/")}
+    imported = imported_files(f"pipeline.stages.{stage}")
+    assert not imported - code_deps, f"add to {stage}'s deps: {sorted(imported - code_deps)}"
+    assert not code_deps - imported, f"{stage} never imports: {sorted(code_deps - imported)}"
+
+
+def test_the_import_walk_follows_from_imports_and_packages() -> None:
+    # A check on the checker: train reaches data.py only through `from pipeline.data import`.
+    files = imported_files("pipeline.stages.train")
+    assert {"pipeline/__init__.py", "pipeline/stages/__init__.py", "pipeline/data.py"} <= files
+    assert "pipeline/mnist.json" in files and "pipeline/registry.py" not in files
