@@ -5,7 +5,7 @@ INSTALLED := $(VENV)/.installed
 # Stage commands in dvc.yaml call `python`: make it the virtual environment's.
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: venv repro test test-fast lint format bench promote clean
+.PHONY: venv repro test test-fast lint format bench mutants promote clean
 
 venv: $(INSTALLED)
 
@@ -35,8 +35,14 @@ bench: $(INSTALLED)
 	dvc repro preprocess
 	python -m pipeline.bench
 
+# Mutation testing of the maths, the evaluation and the training step (config: pyproject.toml).
+mutants: $(INSTALLED)
+	rm -rf mutants
+	mutmut run --max-children 2 || true
+	mutmut results
+
 promote: $(INSTALLED)
 	python -m pipeline promote
 
 clean:
-	rm -rf checkpoints .pytest_cache .ruff_cache
+	rm -rf checkpoints mutants .pytest_cache .ruff_cache

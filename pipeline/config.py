@@ -20,9 +20,20 @@ from pipeline.errors import ConfigError
 PARAMS_FILE = Path("params.yaml")
 
 
-def _check(*, at_least: float | None = None, above: float | None = None):
-    """A numeric field's lower bound, kept in the field's metadata."""
-    return field(metadata={"at_least": at_least, "above": above})
+def _check(
+    *,
+    at_least: float | None = None,
+    above: float | None = None,
+    at_most: float | None = None,
+    why: str = "",
+):
+    """A numeric field's bounds, kept in the field's metadata; `why` explains the upper one."""
+    return field(metadata={"at_least": at_least, "above": above, "at_most": at_most, "why": why})
+
+
+# Upper bounds on sizes: every value below them runs through every stage (a test runs each
+# bound end to end); above them a run would not fit in memory or would make no sense for MNIST.
+TRAIN_IMAGES, TEST_IMAGES = 60_000, 10_000
 
 
 @dataclass(frozen=True)
@@ -35,14 +46,14 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    hidden_dim: int = _check(at_least=1)
-    latent_dim: int = _check(at_least=1)
+    hidden_dim: int = _check(at_least=1, at_most=4096, why="25 MB of weights for 784 pixels")
+    latent_dim: int = _check(at_least=1, at_most=256, why="more units than MNIST can use")
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    epochs: int = _check(at_least=1)
-    batch_size: int = _check(at_least=1)
+    epochs: int = _check(at_least=1, at_most=10_000, why="the IWAE paper trains 3,280")
+    batch_size: int = _check(at_least=1, at_most=TRAIN_IMAGES, why="the training set")
     lr: float = _check(above=0)
     seed: int = _check(at_least=0)
     device: Literal["auto", "cpu", "cuda"]
@@ -50,30 +61,35 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class EvaluateConfig:
-    iwae_samples: int = _check(at_least=1)
-    batch_size: int = _check(at_least=1)
+    iwae_samples: int = _check(at_least=1, at_most=10_000, why="the literature uses 5,000")
+    batch_size: int = _check(at_least=1, at_most=TEST_IMAGES, why="the test set")
     active_unit_threshold: float = _check(above=0)
     seed: int = _check(at_least=0)
 
 
 @dataclass(frozen=True)
 class SampleConfig:
-    n_samples: int = _check(at_least=1)
-    n_reconstructions: int = _check(at_least=1)
-    manifold_size: int = _check(at_least=2)
-    interpolation_rows: int = _check(at_least=1)
-    interpolation_steps: int = _check(at_least=2)
+    n_samples: int = _check(at_least=1, at_most=1024, why="a 32x32 grid")
+    n_reconstructions: int = _check(at_least=1, at_most=64, why="one row of the figure")
+    manifold_size: int = _check(at_least=2, at_most=50, why="a 50x50 grid")
+    interpolation_rows: int = _check(at_least=1, at_most=32, why="rows of one figure")
+    interpolation_steps: int = _check(at_least=2, at_most=32, why="columns of one figure")
     seed: int = _check(at_least=0)
+
+
+def _mlflow_name(refused: str = ""):
+    """A name MLflow must accept: not blank, none of the characters in `refused`."""
+    return field(metadata={"mlflow_name": True, "refused": refused})
 
 
 @dataclass(frozen=True)
 class MlflowConfig:
-    experiment: str
+    experiment: str = _mlflow_name()
 
 
 @dataclass(frozen=True)
 class RegistryConfig:
-    model_name: str
+    model_name: str = _mlflow_name(refused="/:")  # MLflow's registry refuses both
     metric: str
     direction: Literal["minimize", "maximize"]
     min_improvement: float = _check(at_least=0)
@@ -157,6 +173,8 @@ def _parse_value(kind: Any, value: Any, key: str, limits: Any) -> Any:
     if kind is str:
         if not isinstance(value, str):
             raise ConfigError(f"{key} = {value!r} must be a string")
+        if limits.get("mlflow_name"):
+            _check_name(value, key, limits["refused"])
         return value
     if kind is int:
         if isinstance(value, bool) or not isinstance(value, int):
@@ -179,9 +197,25 @@ def _parse_value(kind: Any, value: Any, key: str, limits: Any) -> Any:
     return value
 
 
+def _check_name(value: str, key: str, refused: str) -> None:
+    if not value.strip() or value != value.strip():
+        raise ConfigError(f"{key} = {value!r} is not a usable MLflow name; give a name without "
+                          "leading or trailing spaces")  # fmt: skip
+    bad = sorted(set(refused) & set(value))
+    if bad:
+        raise ConfigError(
+            f"{key} = {value!r}: MLflow refuses {' and '.join(repr(c) for c in bad)} in names; "
+            "choose another name"
+        )
+
+
 def _check_range(value: float, key: str, limits: Any) -> None:
-    at_least, above = limits.get("at_least"), limits.get("above")
+    at_least, above, at_most = limits.get("at_least"), limits.get("above"), limits.get("at_most")
     if at_least is not None and value < at_least:
         raise ConfigError(f"{key} = {value!r} is out of range; must be >= {at_least}")
     if above is not None and value <= above:
         raise ConfigError(f"{key} = {value!r} is out of range; must be > {above}")
+    if at_most is not None and value > at_most:
+        raise ConfigError(
+            f"{key} = {value!r} is out of range; must be <= {at_most} ({limits['why']})"
+        )

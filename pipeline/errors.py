@@ -1,13 +1,26 @@
-"""Expected failures: reported in one line with what to do, no traceback, non-zero exit."""
+"""Expected failures: one line that says what happened and what to do, no traceback, non-zero exit.
+
+Every entry point is wrapped in `reports_errors`. It prints a PipelineError's message, and turns
+the expected failures that arrive as other exceptions (an interruption, memory or disk running
+out) into the same one line. Anything else is a bug and keeps its traceback.
+"""
 
 from __future__ import annotations
 
+import errno
 import functools
+import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import TypeVar
 
 F = TypeVar("F", bound=Callable[..., object])
+
+SIZE_PARAMS = (
+    "model.hidden_dim, train.batch_size, evaluate.batch_size, evaluate.iwae_samples, "
+    "sample.n_samples"
+)
 
 
 class PipelineError(Exception):
@@ -22,15 +35,107 @@ class ConfigError(PipelineError):
     exit_code = 2
 
 
+class Interrupted(PipelineError):
+    """SIGINT (Ctrl-C) or SIGTERM; exits with 128 + the signal's number, as a shell reports it."""
+
+    def __init__(self, signum: int, message: str = "") -> None:
+        self.signum = signum
+        self.exit_code = 128 + signum
+        name = signal.Signals(signum).name
+        super().__init__(
+            f"interrupted by {name}; " + (message or "no output was half-written: run it again")
+        )
+
+
+def _raise_interrupted(signum: int, frame: object) -> None:
+    raise Interrupted(signum)
+
+
+class StopRequest:
+    """Set by SIGINT or SIGTERM; the training loop calls `check()` where it can stop safely."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+
+    def __call__(self, signum: int, frame: object) -> None:
+        if self.signum is not None:  # asked twice: stop now
+            raise Interrupted(signum)
+        self.signum = signum
+
+    def check(self) -> None:
+        if self.signum is not None:
+            raise Interrupted(self.signum)
+
+
+@contextmanager
+def stop_requests() -> Iterator[StopRequest]:
+    """While the block runs, SIGINT and SIGTERM only ask it to stop at its next `check()`."""
+    request = StopRequest()
+    previous = {sig: signal.signal(sig, request) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield request
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def explain(exc: BaseException) -> PipelineError | None:
+    """The one-line PipelineError for an expected failure, or None for a bug."""
+    if isinstance(exc, PipelineError):
+        return exc
+    if isinstance(exc, KeyboardInterrupt):
+        return Interrupted(signal.SIGINT)
+    text = str(exc)
+    first_line = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+    if isinstance(exc, MemoryError) or (
+        isinstance(exc, RuntimeError)
+        and ("can't allocate memory" in text or "out of memory" in text.lower())
+    ):
+        return PipelineError(
+            f"out of memory ({first_line[:160]}); lower the sizes in params.yaml "
+            f"({SIZE_PARAMS}) or free memory, then run it again"
+        )
+    full = [e for e in _chain(exc) if isinstance(e, OSError) and e.errno in _DISK_FULL]
+    if full:  # the first write that failed: later ones (closing the MLflow run) follow from it
+        named = [e.filename for e in full if e.filename]
+        where = f" writing {named[-1]}" if named else ""
+        return PipelineError(f"no space left on the device{where}; {_FREE_SPACE}")
+    if "database or disk is full" in text:  # SQLite, through SQLAlchemy and MLflow
+        return PipelineError(f"no space left for the MLflow store (SQLite); {_FREE_SPACE}")
+    return None
+
+
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    """`exc` and the exceptions it was raised while handling, newest first."""
+    chain = []
+    while exc is not None and exc not in chain:
+        chain.append(exc)
+        exc = exc.__cause__ or exc.__context__
+    return chain
+
+
+_FREE_SPACE = "free some space and run it again (training resumes from its last finished epoch)"
+
+
 def reports_errors(main: F) -> F:
-    """Turn a PipelineError escaping `main` into one line on stderr and its exit code."""
+    """Run `main` with SIGTERM raising Interrupted; print an expected failure in one line on
+    stderr and exit with its code."""
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
+        previous = signal.signal(signal.SIGTERM, _raise_interrupted)
         try:
             return main(*args, **kwargs)
-        except PipelineError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            sys.exit(exc.exit_code)
+        except BaseException as exc:  # noqa: BLE001 - sorted into expected and bugs below
+            error = explain(exc)
+            if error is None:
+                raise
+            print(f"error: {error}", file=sys.stderr)
+            sys.exit(error.exit_code)
+        finally:
+            signal.signal(signal.SIGTERM, previous)
 
     return wrapper  # type: ignore[return-value]

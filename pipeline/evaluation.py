@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import math
+import sys
 
 import torch
+from tqdm import tqdm
 
 from pipeline.model import VAE, kl_per_dimension, loss_terms, reconstruction_loss
 
@@ -34,7 +36,9 @@ def iwae_log_likelihood(
     model.eval()
     standard = torch.distributions.Normal(0.0, 1.0)
     out = []
-    for x in images.split(batch_size):
+    batches = images.split(batch_size)  # minutes at large k: a progress bar with an ETA
+    progress = tqdm(batches, desc=f"IWAE k={k}", leave=False, disable=not sys.stderr.isatty())
+    for x in progress:
         mu, logvar = model.encode(x)
         std = torch.exp(0.5 * logvar)
         per_chunk = max(1, ROWS_PER_CHUNK // len(x))

@@ -108,9 +108,11 @@ def latent_plane(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[str, str]]:
     """A 2D plane of the latent space: centre, two unit directions, their spreads, axis names.
 
-    With two latent dimensions it is the latent space itself under the N(0, I) prior; otherwise
-    the top two principal directions of the test set's latent means.
+    With one or two latent dimensions it is the latent space itself under the N(0, I) prior;
+    otherwise the top two principal directions of the test set's latent means.
     """
+    if mu.shape[1] == 1:  # a line, drawn as a plane whose second direction is unused
+        return torch.zeros(1), torch.tensor([[1.0], [0.0]]), torch.ones(2), ("z1", "(unused)")
     if mu.shape[1] == 2:
         return torch.zeros(2), torch.eye(2), torch.ones(2), ("z1", "z2")
     centre = mu.mean(dim=0)
@@ -175,7 +177,7 @@ def draw_all(
     generator = torch.Generator().manual_seed(cfg.seed)
     mu, _ = posterior_means(model, images, batch_size=1000)
     centre, directions, spread, names = latent_plane(mu)
-    kind = "latent space" if mu.shape[1] == 2 else "latent means' top-2 PCA plane"
+    kind = "latent space" if mu.shape[1] <= 2 else "latent means' top-2 PCA plane"
     quantiles = torch.linspace(0.05, 0.95, cfg.manifold_size)
     grid = plane_grid(centre, directions, spread, torch.distributions.Normal(0, 1).icdf(quantiles))
     return {

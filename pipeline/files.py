@@ -3,6 +3,7 @@ and tensors in safetensors (the same values give the same bytes; loading runs no
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import uuid
@@ -35,6 +36,10 @@ def atomic_path(path: Path | str) -> Iterator[Path]:
     try:
         yield tmp
         os.replace(tmp, path)
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):  # name the file the user knows
+            raise OSError(exc.errno, exc.strerror, str(path)) from exc
+        raise
     finally:
         tmp.unlink(missing_ok=True)
 

@@ -9,7 +9,9 @@ not DVC outputs, so they stay in torch's format, read back with `weights_only=Tr
 from __future__ import annotations
 
 import hashlib
+import io
 import json
+import os
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -73,8 +75,10 @@ def save_checkpoint(
         "history": [asdict(row) for row in history],
         "run_id": run_id,
     }
+    buffer = io.BytesIO()  # written in one call, so a full disk is an OSError naming the file
+    torch.save(state, buffer)
     with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+        tmp.write_bytes(buffer.getvalue())
 
 
 def load_checkpoint(path: Path, key: str) -> dict | None:
@@ -83,8 +87,15 @@ def load_checkpoint(path: Path, key: str) -> dict | None:
         return None
     try:
         state = torch.load(path, weights_only=True, map_location="cpu")
-    except Exception as exc:  # an unreadable checkpoint is not worth stopping for
-        print(f"ignoring unreadable checkpoint {path}: {exc}", file=sys.stderr)
+    except Exception as exc:  # damaged or hostile: never unpickled, kept aside for a look
+        damaged = path.with_name(path.name + ".damaged")
+        os.replace(path, damaged)
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(
+            f"warning: checkpoint {path} is unreadable ({reason[:120]}); moved it to {damaged} "
+            "and starting over",
+            file=sys.stderr,
+        )
         return None
     if state.get("fingerprint") != key:
         print(f"ignoring checkpoint {path}: it was made with other params or data", file=sys.stderr)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 # The float ops that torch hands to oneMKL's vector math (VML), from ATen/cpu/vml.h.
@@ -12,8 +14,11 @@ MKL_VECTOR_MATH = (
 
 
 def start() -> None:
-    """Settle oneMKL's vector math before torch's worker threads share a call."""
+    """Settle oneMKL's vector math; leave reporting store errors to the exceptions."""
     settle_mkl_vector_math()
+    # MLflow's SQL store logs every database error with its traceback before raising it (nine
+    # tracebacks for one full disk); the exception itself reaches `errors.reports_errors`.
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
 
 
 def settle_mkl_vector_math() -> None:

@@ -15,12 +15,13 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import torch
+from mlflow.entities import RunStatus
 from mlflow.exceptions import MlflowException
 from mlflow.models import infer_signature
 from mlflow.tracking import MlflowClient
 
 from pipeline.config import Params
-from pipeline.errors import PipelineError
+from pipeline.errors import Interrupted, PipelineError
 from pipeline.figures import loss_curves
 from pipeline.files import write_json
 from pipeline.model import VAE
@@ -56,7 +57,11 @@ def check_reachable(uri: str) -> None:
     try:
         urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=SERVER_TIMEOUT_S).close()
     except (OSError, urllib.error.URLError) as exc:  # refused, unknown host, timeout, HTTP error
-        reason = getattr(exc, "reason", None) or type(exc).__name__
+        reason = getattr(exc, "reason", None) or exc
+        if isinstance(reason, TimeoutError):
+            reason = f"no answer within {SERVER_TIMEOUT_S} s"
+        elif isinstance(reason, Exception):
+            reason = str(reason) or type(reason).__name__
         raise TrackingError(
             f"MLflow tracking server {uri} did not answer ({reason}); start it, or unset "
             "MLFLOW_TRACKING_URI to use the local store"
@@ -68,7 +73,10 @@ def connect(experiment: str) -> str:
     uri = tracking_uri()
     check_reachable(uri)
     mlflow.set_tracking_uri(uri)
-    found = mlflow.get_experiment_by_name(experiment)
+    try:
+        found = mlflow.get_experiment_by_name(experiment)
+    except Exception as exc:  # SQLAlchemy's or MLflow's: the store itself is unusable
+        raise store_error(uri, exc) from None
     if found is not None:
         return found.experiment_id
     # Only the default local store gets an explicit artifact folder; a server decides its own.
@@ -77,6 +85,24 @@ def connect(experiment: str) -> str:
         return mlflow.create_experiment(experiment, artifact_location=location)
     except MlflowException:  # created meanwhile by a parallel experiment
         return mlflow.get_experiment_by_name(experiment).experiment_id
+
+
+def store_error(uri: str, exc: Exception) -> TrackingError:
+    """One line for a store that cannot be opened: not a database, locked, or refusing."""
+    text = str(exc)
+    if "database is locked" in text:
+        return TrackingError(
+            f"the MLflow store {uri} is locked by another process; wait for it to finish, "
+            "or use a tracking server (MLFLOW_TRACKING_URI) for parallel runs"
+        )
+    if "file is not a database" in text or "no such table" in text:
+        path = uri.removeprefix("sqlite:///")
+        return TrackingError(
+            f"{path} is not an MLflow database; move it away (a new store is created on the next "
+            "run) or set MLFLOW_TRACKING_URI to your store"
+        )
+    first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+    return TrackingError(f"the MLflow store {uri} cannot be used ({first[:200]})")
 
 
 def git_tags() -> dict[str, str]:
@@ -117,7 +143,11 @@ def training_run(
         if run_id is None:
             mlflow.log_params(params.flat())
             mlflow.set_tags(run_tags(device))
-        yield run.info.run_id
+        try:
+            yield run.info.run_id
+        except Interrupted:
+            mlflow.end_run(RunStatus.to_string(RunStatus.KILLED))  # resumable, not failed
+            raise
 
 
 def log_epoch(row: Epoch, grid: np.ndarray | None) -> None:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, fields
 import torch
 from tqdm import tqdm
 
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, StopRequest
 from pipeline.model import VAE, loss_terms
 
 
@@ -84,8 +84,12 @@ def train_epoch(
     binarize: bool,
     epoch: int,
     epochs: int,
+    stop: StopRequest | None = None,
 ) -> tuple[float, float]:
-    """One pass over `images` in a random order; returns the mean recon and KL per image."""
+    """One pass over `images` in a random order; returns the mean recon and KL per image.
+
+    `stop` is checked before each batch: an interrupted epoch is dropped whole.
+    """
     model.train()
     batches = torch.randperm(len(images), device=images.device).split(batch_size)
     sums = torch.zeros(len(batches), 2, device=images.device)  # per batch: recon, KL
@@ -93,6 +97,8 @@ def train_epoch(
         batches, desc=f"epoch {epoch}/{epochs}", leave=False, disable=not sys.stderr.isatty()
     )
     for i, index in enumerate(progress):
+        if stop is not None:
+            stop.check()
         x = images[index]
         if binarize:  # dynamic binarisation: a fresh Bernoulli sample of every image, every time
             x = torch.bernoulli(x)
@@ -141,12 +147,13 @@ def fit(
     epochs: int,
     batch_size: int,
     binarize: bool,
+    stop: StopRequest | None = None,
 ) -> Iterator[Epoch]:
     """Train epochs `first_epoch`..`epochs`, yielding each one's history row as it ends."""
     for epoch in range(first_epoch, epochs + 1):
         start = time.perf_counter()
         train_recon, train_kl = train_epoch(
-            model, optimizer, train_images, batch_size, binarize, epoch, epochs
+            model, optimizer, train_images, batch_size, binarize, epoch, epochs, stop
         )
         seconds = time.perf_counter() - start
         test_recon, test_kl = evaluate_loss(model, test_images)

@@ -48,6 +48,38 @@ def tiny_raw(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return folder
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests that run a stage in a workdir are marked `stage`: `make mutants` leaves them out."""
+    for item in items:
+        if "workdir" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.stage)
+
+
+@pytest.fixture(scope="session")
+def session_threads() -> int:
+    """torch's thread count when the session started (requested first, by the autouse below)."""
+    import torch
+
+    return torch.get_num_threads()
+
+
+@pytest.fixture(autouse=True)
+def restore_torch_threads(session_threads: int):
+    """Tests that pin torch's thread count (for comparable runs) must not pin the next test's."""
+    import torch
+
+    yield
+    torch.set_num_threads(session_threads)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def started_runtime() -> None:
+    """What every entry point does first (tests call the stages' functions, not their mains)."""
+    from pipeline import runtime
+
+    runtime.start()
+
+
 @pytest.fixture(scope="session")
 def mlflow_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An empty, migrated MLflow SQLite store: copying it is much faster than creating one."""
@@ -65,10 +97,16 @@ def set_params():
 
 
 def write_params(folder: Path, **overrides: dict) -> dict:
-    """params.yaml for a tiny, fast model; `overrides` maps a section to the keys it changes."""
+    """params.yaml for a tiny, fast model; `overrides` maps a section to the keys it changes.
+
+    It starts from the lab's committed params.yaml, not the workspace's: `dvc exp run` leaves an
+    experiment's params applied there.
+    """
     import yaml
 
-    params = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
+    from helpers import committed_params
+
+    params = yaml.safe_load(committed_params())
     params["model"].update(hidden_dim=32, latent_dim=4)
     params["train"].update(epochs=3, batch_size=32, device="cpu")
     params["evaluate"].update(iwae_samples=8, batch_size=64)

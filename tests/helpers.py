@@ -26,8 +26,22 @@ FIGURE_NAMES = {
 }
 
 
+def committed(path: str) -> str:
+    """The file as committed at HEAD; the working tree's copy outside a git checkout."""
+    shown = subprocess.run(
+        ["git", "show", f"HEAD:{path}"], cwd=REPO_ROOT, capture_output=True, text=True
+    )
+    return shown.stdout if shown.returncode == 0 else (REPO_ROOT / path).read_text()
+
+
+def committed_params() -> str:
+    """The lab's params.yaml: `dvc exp run` leaves an experiment's params in the working tree."""
+    return committed("params.yaml")
+
+
 def copy_working_tree(dest: Path) -> Path:
-    """A fresh git repository holding the working tree's files (committed or not, never ignored)."""
+    """A fresh git repository holding the working tree's code (committed or not, never ignored)
+    with the lab's committed params.yaml, whatever experiment the workspace holds."""
     files = subprocess.run(
         ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
         cwd=REPO_ROOT,
@@ -40,6 +54,7 @@ def copy_working_tree(dest: Path) -> Path:
         if source.is_file():
             (dest / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(source, dest / name)
+    (dest / "params.yaml").write_text(committed_params())
     subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
     git_commit(dest, "copy of the working tree")
     return dest

@@ -5,18 +5,18 @@ from pathlib import Path
 import pytest
 import yaml
 
+from helpers import committed_params
 from pipeline.config import Params, load_params, parse_params
 from pipeline.errors import ConfigError
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-
 
 def default_raw() -> dict:
-    return yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
+    return yaml.safe_load(committed_params())
 
 
-def test_repository_params_are_valid() -> None:
-    params = load_params(REPO_ROOT / "params.yaml")
+def test_the_lab_params_are_valid(tmp_path: Path) -> None:
+    (tmp_path / "params.yaml").write_text(committed_params())
+    params = load_params(tmp_path / "params.yaml")
     assert isinstance(params, Params)
     assert (params.model.hidden_dim, params.model.latent_dim) == (400, 20)
     assert params.train.lr == 0.001 and params.train.batch_size == 128

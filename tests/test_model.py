@@ -119,3 +119,27 @@ def test_every_entry_point_starts_the_runtime_first(
     monkeypatch.setattr(runtime, "start", lambda: (_ for _ in ()).throw(Started))
     with pytest.raises(Started):
         importlib.import_module(f"pipeline.{entry}").main()
+
+
+def test_the_default_network_is_the_labs_and_follows_the_handout() -> None:
+    model = VAE()
+    assert (model.hidden_dim, model.latent_dim) == (400, 20)
+    x = torch.rand(3, 784)
+    hidden = torch.relu(x @ model.encoder[0].weight.T + model.encoder[0].bias)
+    mu, logvar = model.encode(x)
+    torch.testing.assert_close(mu, hidden @ model.to_mu.weight.T + model.to_mu.bias)
+    torch.testing.assert_close(logvar, hidden @ model.to_logvar.weight.T + model.to_logvar.bias)
+    z = torch.randn(3, 20)
+    first = torch.relu(z @ model.decoder[0].weight.T + model.decoder[0].bias)
+    logits = first @ model.decoder[2].weight.T + model.decoder[2].bias
+    torch.testing.assert_close(model.decode(z), torch.sigmoid(logits))
+
+
+def test_the_generator_is_a_copy_that_later_training_does_not_change() -> None:
+    model = VAE(hidden_dim=8, latent_dim=2)
+    generator = model.generator()
+    z = torch.randn(4, 2)
+    before = generator(z).detach().clone()
+    with torch.no_grad():
+        model.decoder[0].weight.add_(1.0)
+    torch.testing.assert_close(generator(z), before)

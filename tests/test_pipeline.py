@@ -14,6 +14,7 @@ import pytest
 import yaml
 from PIL import Image
 
+import helpers
 from helpers import (
     FIGURE_NAMES,
     dvc,
@@ -220,7 +221,7 @@ def test_the_committed_lock_holds_for_the_data(reproduced: tuple[Path, str]) -> 
     # Deterministic bytes: raw and processed data hash the same on every machine, so `dvc repro`
     # on a fresh clone leaves their entries in dvc.lock as committed.
     repo, _ = reproduced
-    committed = yaml.safe_load((REPO_ROOT / "dvc.lock").read_text())["stages"]
+    committed = yaml.safe_load(helpers.committed("dvc.lock"))["stages"]
     rebuilt = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
     for stage in ("download", "preprocess"):
         assert rebuilt[stage]["outs"] == committed[stage]["outs"], stage
@@ -238,6 +239,27 @@ def test_a_comment_in_preprocess_reruns_it_and_nothing_downstream(
     assert "Running stage 'preprocess'" in result.stdout
     for stage in ("download", "train", "evaluate", "sample"):
         assert f"Running stage '{stage}'" not in result.stdout, stage
+
+
+def test_a_stage_that_fails_under_dvc_keeps_the_previous_outputs(
+    reproduced: tuple[Path, str], tmp_path: Path
+) -> None:
+    # DVC deletes a stage's outputs before running it, unless they persist: the stage itself
+    # replaces them, atomically, only when it succeeds.
+    repo = tmp_path / "repo"
+    shutil.copytree(reproduced[0], repo, symlinks=True)
+    outputs = ["models/vae.safetensors", "models/mlflow_run.json", "metrics/train.json"]
+    outputs += ["plots/train_history.csv", "metrics/evaluate.json", "figures/manifold.png"]
+    before = {name: (repo / name).read_bytes() for name in outputs}
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["train"]["device"] = "tpu"
+    (repo / "params.yaml").write_text(yaml.safe_dump(params))
+    result = dvc(repo, "repro")
+    assert result.returncode != 0
+    said = result.stdout + result.stderr
+    assert "error: params.yaml: train.device = 'tpu' is not allowed; use one of" in said
+    assert "Traceback" not in said
+    assert {name: (repo / name).read_bytes() for name in outputs} == before
 
 
 def test_second_repro_changes_nothing(reproduced: tuple[Path, str]) -> None:

@@ -89,10 +89,8 @@ def test_two_queued_experiments_run_in_parallel_into_one_store(baseline: Path) -
     started = dvc(baseline, "queue", "start", "-j", "2")
     assert started.returncode == 0, started.stderr
     deadline = time.monotonic() + 900
-    while time.monotonic() < deadline:
-        status = dvc(baseline, "queue", "status").stdout
-        if "Queued" not in status and "Running" not in status:
-            break
+    while "Queued" in (status := dvc(baseline, "queue", "status").stdout) or "Running" in status:
+        assert time.monotonic() < deadline, f"the queue did not finish in 900 s:\n{status}"
         time.sleep(5)
     assert "Failed" not in status, status
     shown = experiments(baseline)
@@ -171,13 +169,10 @@ def test_a_server_that_does_not_answer_is_reported_in_one_line(workdir: Path) ->
         silent.bind(("127.0.0.1", 0))
         silent.listen()
         url = f"http://127.0.0.1:{silent.getsockname()[1]}"
-        start = time.monotonic()
         result = python_m(workdir, "pipeline.stages.train", MLFLOW_TRACKING_URI=url)
-        elapsed = time.monotonic() - start
     assert result.returncode == 1
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith(
-        f"error: MLflow tracking server {url} did not answer"
-    )
-    assert elapsed < 30
+    assert result.stderr.strip().splitlines() == [
+        f"error: MLflow tracking server {url} did not answer (no answer within 10 s); start it, "
+        "or unset MLFLOW_TRACKING_URI to use the local store"
+    ]
     assert not (workdir / WEIGHTS).exists()

@@ -5,7 +5,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import mlflow
@@ -17,9 +16,17 @@ from mlflow.tracking import MlflowClient
 from helpers import grid_steps, store
 from pipeline import training
 from pipeline.config import load_params
+from pipeline.data import load_split
 from pipeline.errors import PipelineError
 from pipeline.model import load_vae
-from pipeline.paths import CHECKPOINT, RUN_INFO, TRAIN_HISTORY, TRAIN_METRICS, WEIGHTS
+from pipeline.paths import (
+    CHECKPOINT,
+    RUN_INFO,
+    TRAIN_HISTORY,
+    TRAIN_METRICS,
+    TRAIN_SPLIT,
+    WEIGHTS,
+)
 from pipeline.stages import train as train_stage
 from pipeline.tracking import TrackingError
 
@@ -111,6 +118,22 @@ def test_same_params_and_seed_give_identical_metrics(workdir: Path) -> None:
     assert first == second
 
 
+def test_thread_settings_do_not_leak_between_tests(session_threads: int) -> None:
+    # Runs right after a test that pinned 1 thread: the conftest fixture restored the count.
+    assert torch.get_num_threads() == session_threads
+
+
+def test_two_threads_give_identical_runs(workdir: Path) -> None:
+    # The README's setting on these machines: torch's two threads split oneMKL's vector math
+    # (exp of a 128x20 tensor), which `runtime.start()` settles before either thread calls it.
+    runs = []
+    for _ in range(2):
+        torch.set_num_threads(2)
+        train_stage.train(load_params())
+        runs.append((TRAIN_METRICS.read_bytes(), WEIGHTS.read_bytes()))
+    assert runs[0] == runs[1]
+
+
 def test_resume_after_a_crash_ends_where_an_uninterrupted_run_ends(
     workdir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -146,13 +169,43 @@ def test_a_stale_checkpoint_of_other_params_is_not_resumed(
     monkeypatch.setattr(train_stage, "log_epoch", lambda row, *a: (_ for _ in ()).throw(Crash))
     with pytest.raises(Crash):
         run_train()
+    crashed_run = torch.load(CHECKPOINT, weights_only=True)["run_id"]
     monkeypatch.setattr(train_stage, "log_epoch", log_epoch)
     set_params(workdir, train={"lr": 0.002})
     resumed = run_train()
     assert "ignoring checkpoint" in capsys.readouterr().err
-    assert json.loads(RUN_INFO.read_text())["run_id"] != ""
+    assert json.loads(RUN_INFO.read_text())["run_id"] != crashed_run  # a new run, not resumed
     CHECKPOINT.unlink(missing_ok=True)
     assert run_train() == resumed  # same as a run that never saw the stale checkpoint
+
+
+@pytest.mark.parametrize("binarize", ["none", "dynamic"])
+def test_training_consumes_the_pixels_data_binarize_asks_for(
+    workdir: Path, monkeypatch: pytest.MonkeyPatch, set_params, binarize: str
+) -> None:
+    set_params(workdir, data={"binarize": binarize}, train={"epochs": 2})
+    consumed = []
+    loss_terms = training.loss_terms
+
+    def spy(model, x, generator=None):
+        if generator is None:  # a training step (the per-epoch test loss passes a generator)
+            consumed.append(x.detach().clone())
+        return loss_terms(model, x, generator)
+
+    monkeypatch.setattr(training, "loss_terms", spy)
+    run_train()
+    grey, _ = load_split(TRAIN_SPLIT)
+    epochs = [torch.cat(consumed[:8]), torch.cat(consumed[8:])]  # 256 images, 32 a batch
+    assert [len(e) for e in epochs] == [256, 256]
+    if binarize == "none":  # the grey images themselves, in a new order each epoch
+        for epoch in epochs:
+            assert torch.equal(epoch.sum(1).sort().values, grey.sum(1).sort().values)
+        assert not torch.equal(epochs[0], epochs[1])
+    else:  # a fresh Bernoulli(pixel) sample of every image in every epoch
+        for epoch in epochs:
+            assert set(epoch.unique().tolist()) == {0.0, 1.0}
+            assert abs(epoch.mean().item() - grey.mean().item()) < 0.01
+        assert epochs[0].sum() != epochs[1].sum()
 
 
 def test_a_nan_loss_stops_with_epoch_and_batch_and_keeps_the_last_checkpoint(
@@ -185,12 +238,11 @@ def test_an_unreachable_tracking_server_fails_fast_before_training(
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
-    start = time.monotonic()
     with pytest.raises(
-        TrackingError, match=rf"MLflow tracking server http://127.0.0.1:{port} did not answer"
+        TrackingError,
+        match=rf"MLflow tracking server http://127.0.0.1:{port} did not answer \(.*refused",
     ):
         run_train()
-    assert time.monotonic() - start < 30
     assert not CHECKPOINT.exists() and not WEIGHTS.exists()
 
 

@@ -11,7 +11,7 @@ import torch
 from pipeline import runtime, tracking
 from pipeline.config import Params, load_params
 from pipeline.data import binarize_once, load_split
-from pipeline.errors import reports_errors
+from pipeline.errors import Interrupted, reports_errors, stop_requests
 from pipeline.figures import digit_grid
 from pipeline.files import atomic_path, write_json
 from pipeline.model import VAE, save_vae
@@ -55,6 +55,16 @@ def write_outputs(history: list[Epoch], model: VAE, run_id: str, experiment_id: 
         writer.writerows(asdict(row) for row in history)
 
 
+def kept(history: list[Epoch], run_id: str) -> str:
+    """What an interrupted run keeps, and how to go on."""
+    if not history:
+        return f"no epoch had finished; MLflow run {run_id} is marked KILLED"
+    return (
+        f"epochs 1-{len(history)} are kept in {CHECKPOINT} and MLflow run {run_id} is marked "
+        "KILLED: run the same command again to resume"
+    )
+
+
 def train(params: Params) -> None:
     flush_denormals()  # first: the worker threads started by the first parallel op inherit it
     cfg = params.train
@@ -74,7 +84,8 @@ def train(params: Params) -> None:
     seeded = torch.Generator().manual_seed(cfg.seed)
     fixed_z = torch.randn(GRID_SIZE, model.latent_dim, generator=seeded).to(device)
 
-    with tracking.training_run(resumed.run_id, experiment_id, params, device) as run_id:
+    run = tracking.training_run(resumed.run_id, experiment_id, params, device)
+    with stop_requests() as stop, run as run_id:
         for row in tracking.unlogged(run_id, history):  # checkpointed, then killed before logging
             # The model in hand is the last epoch's: only that epoch's grid can be drawn again.
             log_epoch(row, epoch_grid(model, fixed_z) if row == history[-1] else None)
@@ -87,12 +98,16 @@ def train(params: Params) -> None:
             epochs=cfg.epochs,
             batch_size=cfg.batch_size,
             binarize=binarize,
+            stop=stop,
         )
-        for row in epochs:
-            history.append(row)
-            save_checkpoint(CHECKPOINT, key, model, optimizer, history, run_id)
-            print(row.line(cfg.epochs), flush=True)
-            log_epoch(row, epoch_grid(model, fixed_z))
+        try:
+            for row in epochs:
+                history.append(row)
+                save_checkpoint(CHECKPOINT, key, model, optimizer, history, run_id)
+                print(row.line(cfg.epochs), flush=True)
+                log_epoch(row, epoch_grid(model, fixed_z))
+        except Interrupted as interrupted:
+            raise Interrupted(interrupted.signum, kept(history, run_id)) from None
         write_outputs(history, model, run_id, experiment_id)
         tracking.log_trained_model(model, history, WEIGHTS)
     CHECKPOINT.unlink(missing_ok=True)
