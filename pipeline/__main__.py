@@ -2,11 +2,13 @@
 
 promote   move @champion to the candidate (or --version N) when it is better
 generate  draw new digits with any MLflow model URI (models:/mnist-vae@champion, runs:/...)
+score     score a folder of PNGs or a .npy file: negative ELBO and latent means per image, as CSV
 """
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -15,7 +17,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from torchvision.utils import save_image
 
-from pipeline import registry, runtime, tracking
+from pipeline import registry, runtime, scoring, tracking
 from pipeline.config import load_params
 from pipeline.errors import PipelineError, reports_errors
 
@@ -26,20 +28,33 @@ def promote(args: argparse.Namespace) -> None:
     print(registry.promote(MlflowClient(), params.registry, args.version, args.dry_run, args.force))
 
 
-def generate(args: argparse.Namespace) -> None:
-    uri = tracking.tracking_uri()
-    tracking.check_reachable(uri)
-    mlflow.set_tracking_uri(uri)
+def load_model(uri: str) -> mlflow.pyfunc.PyFuncModel:
+    store = tracking.tracking_uri()
+    tracking.check_reachable(store)
+    mlflow.set_tracking_uri(store)
     try:
-        model = mlflow.pyfunc.load_model(args.model)
+        return mlflow.pyfunc.load_model(uri)
     except (MlflowException, OSError) as exc:
-        raise PipelineError(f"cannot load model {args.model} from {uri}: {exc}") from None
-    latent_dim = model.metadata.get_input_schema().inputs[0].shape[-1]
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise PipelineError(f"cannot load model {uri} from {store}: {first}") from None
+
+
+def generate(args: argparse.Namespace) -> None:
+    model = load_model(args.model)
+    latent_dim = int(model.metadata.metadata["latent_dim"])
     z = np.random.default_rng(args.seed).standard_normal((args.n, latent_dim)).astype(np.float32)
     images = torch.from_numpy(np.asarray(model.predict(z), dtype=np.float32))
     nrow = max(1, round(args.n**0.5))
     save_image(images.reshape(-1, 1, 28, 28), args.output, nrow=nrow, padding=2, pad_value=1.0)
     print(f"wrote {args.n} digits from {args.model} to {args.output}")
+
+
+def score(args: argparse.Namespace) -> None:
+    names, images = scoring.read_images(Path(args.input))
+    model = load_model(args.model)
+    rows = scoring.score_images(model, names, images, args.batch_size, args.samples, args.seed)
+    scoring.write_csv(Path(args.output), rows)
+    print(f"scored {len(rows)} images from {args.input} with {args.model}: {args.output}")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -56,6 +71,14 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("-o", "--output", default="digits.png")
     g.set_defaults(run=generate)
+    s = commands.add_parser("score", help="negative ELBO and latent means per image, as CSV")
+    s.add_argument("--model", default="models:/mnist-vae@champion", help="an MLflow model URI")
+    s.add_argument("--input", required=True, help="a folder of 28x28 PNGs, or a .npy file")
+    s.add_argument("-o", "--output", default="scores.csv")
+    s.add_argument("--samples", type=int, default=16, help="draws of z per image")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--batch-size", type=int, default=500)
+    s.set_defaults(run=score)
     return root
 
 

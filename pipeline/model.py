@@ -8,8 +8,6 @@ loss:     reconstruction (BCE summed over the 784 pixels) + KL(q(z|x) || N(0, I)
 
 from __future__ import annotations
 
-import copy
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -46,10 +44,6 @@ class VAE(nn.Module):
         mu, logvar = self.encode(x)
         z = reparameterize(mu, logvar, generator)
         return self.decoder(z), mu, logvar
-
-    def generator(self) -> nn.Sequential:
-        """A standalone copy of the decoder with its sigmoid: latent vectors in, images out."""
-        return nn.Sequential(*copy.deepcopy(self.decoder), nn.Sigmoid())
 
 
 def reparameterize(

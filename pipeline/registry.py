@@ -10,16 +10,17 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass
 
-import mlflow
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from pipeline import serving
 from pipeline.config import Params, RegistryConfig
 from pipeline.errors import PipelineError
 from pipeline.tracking import git_tags
 
 CANDIDATE, CHAMPION = "candidate", "champion"
+HEADLINE = ("test_loss", "log_px_iwae")  # in a version's description
 
 
 class RegistryError(PipelineError):
@@ -37,11 +38,20 @@ def register(
     try:
         client.get_registered_model(name)
     except MlflowException:
-        client.create_registered_model(
-            name, description="VAE decoder: latent vectors -> MNIST digits"
-        )
+        client.create_registered_model(name, description=serving.DESCRIPTION)
     existing = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
-    version = existing[0] if existing else mlflow.register_model(f"runs:/{run_id}/model", name)
+    if existing:
+        version = existing[0]
+    else:  # through the logged model's own URI (MLflow 3 keeps it outside the run's artifacts)
+        model_id = client.get_run(run_id).outputs.model_outputs[-1].model_id
+        summary = ", ".join(f"{k} {metrics[k]:.4f}" for k in HEADLINE if k in metrics)
+        version = client.create_model_version(
+            name,
+            source=f"models:/{model_id}",
+            run_id=run_id,
+            model_id=model_id,
+            description=f"Trained in run {run_id}; {summary}. {serving.DESCRIPTION}",
+        )
     numbers = {f"metric.{k}": str(v) for k, v in metrics.items() if isinstance(v, int | float)}
     for key, value in {**numbers, **tags, "evaluated": "true"}.items():
         client.set_model_version_tag(name, version.version, key, value)

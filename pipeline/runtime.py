@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 
@@ -19,6 +20,10 @@ def start() -> None:
     # MLflow's SQL store logs every database error with its traceback before raising it (nine
     # tracebacks for one full disk); the exception itself reaches `errors.reports_errors`.
     logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
+    # Logging the model checks its input example by loading it back: MLflow announces that and
+    # draws a progress bar for each file it copies. The stages' output keeps what people need.
+    logging.getLogger("mlflow.pyfunc").setLevel(logging.WARNING)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
 def settle_mkl_vector_math() -> None:

@@ -14,12 +14,13 @@ from pathlib import Path
 
 import mlflow
 import numpy as np
+import safetensors
 import torch
 from mlflow.entities import RunStatus
 from mlflow.exceptions import MlflowException
-from mlflow.models import infer_signature
 from mlflow.tracking import MlflowClient
 
+from pipeline import serving
 from pipeline.config import Params
 from pipeline.errors import Interrupted, PipelineError
 from pipeline.figures import loss_curves
@@ -178,28 +179,32 @@ def unlogged(run_id: str, history: list[Epoch]) -> list[Epoch]:
 def log_trained_model(model: VAE, history: list[Epoch], weights: Path) -> None:
     """What the end of training adds to the run: the curves, the model, the weights file."""
     mlflow.log_figure(loss_curves([asdict(row) for row in history]), "figures/loss_curves.png")
-    log_generator(model.generator(), model.latent_dim)
+    log_vae_model(weights, model.latent_dim)
     mlflow.log_artifact(str(weights), "weights")
 
 
-def log_generator(generator: torch.nn.Module, latent_dim: int) -> None:
-    """Log the decoder (latent vectors in, images out) as the run's MLflow model.
+def log_vae_model(weights: Path, latent_dim: int) -> None:
+    """Log the whole VAE as the run's MLflow model: decode, encode, reconstruct and score.
 
-    pt2 (torch.export) needs no pickle and no code from this repository to load; the -1 batch
-    dimension in the signature keeps the exported batch size dynamic.
+    Logged from code with this package as its code and the weights in safetensors: loading it
+    unpickles nothing and needs nothing from this repository.
     """
-    example = np.random.default_rng(0).standard_normal((4, latent_dim)).astype(np.float32)
-    with torch.no_grad():
-        images = generator.cpu()(torch.from_numpy(example)).numpy()
-    mlflow.pytorch.log_model(
-        generator,
+    package = Path(__file__).resolve().parent
+    example = np.random.default_rng(0).standard_normal((2, latent_dim)).astype(np.float32)
+    mlflow.pyfunc.log_model(
         name="model",
-        input_example=example,
-        signature=infer_signature(example, images),
-        serialization_format="pt2",
-        # Declared, not inferred: inference loads the model in a subprocess (seconds), and a
-        # pt2 model needs nothing but torch.
-        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
+        python_model=str(package / "mlflow_model.py"),
+        artifacts={"weights": str(weights)},
+        code_paths=[str(package)],
+        signature=serving.signature(),
+        input_example=(example, {"method": "decode"}),
+        metadata={"latent_dim": latent_dim, "image_dim": 784, "methods": list(serving.METHODS)},
+        # Declared, not inferred: inference loads the model in a subprocess (seconds).
+        pip_requirements=[
+            f"torch=={torch.__version__.split('+')[0]}",
+            f"safetensors=={safetensors.__version__}",
+            f"numpy=={np.__version__}",
+        ],
     )
 
 

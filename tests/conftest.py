@@ -116,8 +116,7 @@ def write_params(folder: Path, **overrides: dict) -> dict:
     return params
 
 
-@pytest.fixture
-def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mlflow_template: Path) -> Path:
+def make_workdir(folder: Path, mlflow_template: Path) -> Path:
     """A repository-like folder with tiny processed data, params.yaml and its own MLflow store."""
     import shutil
 
@@ -125,17 +124,24 @@ def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mlflow_template: Pa
 
     from pipeline.paths import TEST_SPLIT, TRAIN_SPLIT
 
-    work = tmp_path / "work"
+    work = folder / "work"
     work.mkdir()
-    tiny_mnist(tmp_path / "raw", n_train=256, n_test=64)
+    tiny_mnist(folder / "raw", n_train=256, n_test=64)
     for split, path in (("train", TRAIN_SPLIT), ("t10k", TEST_SPLIT)):
-        images = data.read_idx(tmp_path / "raw" / f"{split}-images-idx3-ubyte")
-        labels = data.read_idx(tmp_path / "raw" / f"{split}-labels-idx1-ubyte")
+        images = data.read_idx(folder / "raw" / f"{split}-images-idx3-ubyte")
+        labels = data.read_idx(folder / "raw" / f"{split}-labels-idx1-ubyte")
         data.save_split(
             work / path, torch.from_numpy(images.copy()), torch.from_numpy(labels.copy())
         )
     write_params(work)
     shutil.copy(mlflow_template, work / "mlflow.db")
+    return work
+
+
+@pytest.fixture
+def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mlflow_template: Path) -> Path:
+    """`make_workdir` as the working directory, with no outside tracking URI."""
+    work = make_workdir(tmp_path, mlflow_template)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.chdir(work)
     return work

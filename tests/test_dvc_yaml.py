@@ -11,7 +11,12 @@ import yaml
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 STAGES = yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text())["stages"]
-DATA_FILES = {"pipeline/data.py": {"pipeline/mnist.json"}}  # read by the module at import
+# Files a module reads or runs by path: mnist.json at import, the MLflow model's entry point
+# when the model is logged.
+DATA_FILES = {
+    "pipeline/data.py": {"pipeline/mnist.json"},
+    "pipeline/tracking.py": {"pipeline/mlflow_model.py"},
+}
 
 
 def module_file(name: str) -> Path:

@@ -169,12 +169,38 @@ def test_the_champion_loads_as_a_pyfunc_from_the_registry(champion: Path) -> Non
     mlflow.set_tracking_uri(f"sqlite:///{champion / 'mlflow.db'}")
     model = mlflow.pyfunc.load_model("models:/mnist-vae@champion")
     z = np.random.default_rng(0).standard_normal((5, 20)).astype(np.float32)
-    images = model.predict(z)
+    images = model.predict(z)  # as old clients call it: decode
     assert images.shape == (5, 784) and images.min() >= 0 and images.max() <= 1
-    assert model.metadata.get_input_schema().inputs[0].shape == (-1, 20)
+    assert model.metadata.metadata["latent_dim"] == 20
 
 
-def test_mlflow_models_serve_answers_with_images(champion: Path) -> None:
+def test_the_champion_scores_digits_far_below_noise_and_rotated_digits(champion: Path) -> None:
+    mlflow.set_tracking_uri(f"sqlite:///{champion / 'mlflow.db'}")
+    model = mlflow.pyfunc.load_model("models:/mnist-vae@champion")
+    digits = data.load_split(champion / TEST_SPLIT)[0][:500].numpy()
+    noise = np.random.default_rng(0).uniform(size=digits.shape).astype(np.float32)
+    rotated = np.rot90(digits.reshape(-1, 28, 28), axes=(1, 2)).reshape(-1, 784).copy()
+    params = {"method": "score", "samples": 4}
+    scores = {name: model.predict(x, params=params) for name, x in
+              (("digits", digits), ("noise", noise), ("rotated", rotated))}  # fmt: skip
+    assert 80 < scores["digits"].mean() < 130  # the test loss, about 105 nats
+    assert scores["noise"].min() > 3 * scores["digits"].max()
+    assert scores["rotated"].mean() > scores["digits"].mean() + 50
+    reconstructed = model.predict(digits, params={"method": "reconstruct"})
+    assert np.abs(reconstructed - digits).mean() < np.abs(rotated - digits).mean() / 2
+
+
+def post(port: int, body: dict) -> np.ndarray:
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/invocations",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=60) as response:
+        return np.asarray(json.loads(response.read())["predictions"])
+
+
+def test_mlflow_models_serve_answers_all_four_methods(champion: Path) -> None:
     port = free_port()
     server = start_server(
         ["mlflow", "models", "serve", "-m", "models:/mnist-vae@champion"]
@@ -184,14 +210,16 @@ def test_mlflow_models_serve_answers_with_images(champion: Path) -> None:
     try:
         wait_for(f"http://127.0.0.1:{port}/ping", server, seconds=120)
         z = np.random.default_rng(1).standard_normal((3, 20)).round(4).tolist()
-        request = urllib.request.Request(
-            f"http://127.0.0.1:{port}/invocations",
-            data=json.dumps({"inputs": z}).encode(),
-            headers={"Content-Type": "application/json"},
-        )
-        with urllib.request.urlopen(request, timeout=60) as response:
-            images = np.asarray(json.loads(response.read())["predictions"])
+        images = post(port, {"inputs": z})  # no params: decode, as before
         assert images.shape == (3, 784) and images.min() >= 0 and images.max() <= 1
+        digits = data.load_split(champion / TEST_SPLIT)[0][:3].numpy().round(4).tolist()
+        assert post(port, {"inputs": digits, "params": {"method": "encode"}}).shape == (3, 20)
+        both = post(port, {"inputs": digits, "params": {"method": "encode", "logvar": True}})
+        assert both.shape == (3, 40)
+        again = post(port, {"inputs": digits, "params": {"method": "reconstruct"}})
+        assert again.shape == (3, 784)
+        scores = post(port, {"inputs": digits, "params": {"method": "score", "samples": 4}})
+        assert scores.shape == (3,) and (scores > 0).all()
     finally:
         stop_server(server)
 

@@ -7,9 +7,9 @@ from mlflow.tracking import MlflowClient
 
 from pipeline import registry
 from pipeline.config import RegistryConfig
-from pipeline.model import VAE
+from pipeline.model import VAE, save_vae
 from pipeline.registry import RegistryError
-from pipeline.tracking import log_generator
+from pipeline.tracking import log_vae_model
 
 CONFIG = RegistryConfig(
     model_name="vae", metric="test_loss", direction="minimize", min_improvement=0.5
@@ -20,7 +20,7 @@ CONFIG = RegistryConfig(
 def store_with_runs(
     tmp_path_factory: pytest.TempPathFactory, mlflow_template: Path
 ) -> tuple[Path, list[str]]:
-    """A store with three runs that each logged a tiny decoder (made once; tests copy it)."""
+    """A store with three runs that each logged a tiny VAE (made once; tests copy it)."""
     folder = tmp_path_factory.mktemp("registry-base")
     shutil.copy(mlflow_template, folder / "mlflow.db")
     mlflow.set_tracking_uri(f"sqlite:///{folder / 'mlflow.db'}")
@@ -28,9 +28,10 @@ def store_with_runs(
         "registry", artifact_location=(folder / "mlruns").as_uri()
     )
     run_ids = []
+    save_vae(VAE(hidden_dim=8, latent_dim=2), folder / "vae.safetensors")
     for _ in range(3):
         with mlflow.start_run(experiment_id=experiment) as run:
-            log_generator(VAE(hidden_dim=8, latent_dim=2).generator(), latent_dim=2)
+            log_vae_model(folder / "vae.safetensors", latent_dim=2)
             run_ids.append(run.info.run_id)
     return folder, run_ids
 

@@ -70,19 +70,14 @@ def test_a_run_logs_every_epoch_the_grids_and_a_model_that_loads_back(workdir: P
         "figures/loss_curves.png"
     }
 
-    # The logged model is the decoder: latent vectors in, images in [0, 1] out, any batch size.
+    # The logged model is the whole VAE; called as before (no params) it decodes latent vectors.
     mlflow.set_tracking_uri(f"sqlite:///{Path.cwd() / 'mlflow.db'}")
     z = np.random.default_rng(1).standard_normal((7, 4)).astype(np.float32)
     images = mlflow.pyfunc.load_model(f"runs:/{run_id}/model").predict(z)
     assert images.shape == (7, 784) and images.min() >= 0 and images.max() <= 1
     vae = load_vae(WEIGHTS)
     expected = vae.decode(torch.from_numpy(z)).detach().numpy()
-    np.testing.assert_allclose(images, expected, atol=1e-5)
-    assert torch.allclose(
-        mlflow.pytorch.load_model(f"runs:/{run_id}/model")(torch.from_numpy(z)),
-        torch.from_numpy(expected),
-        atol=1e-5,
-    )
+    np.testing.assert_allclose(images, expected, atol=1e-6)
 
     rows = TRAIN_HISTORY.read_text().splitlines()
     assert rows[0].startswith("epoch,train_loss,train_recon,train_kl,test_loss")

@@ -1,0 +1,98 @@
+"""The whole VAE as an MLflow pyfunc model: one URI decodes, encodes, reconstructs and scores.
+
+`predict(data, params={"method": ...})`:
+- decode (the default): latent vectors (n, latent) -> images (n, 784) in [0, 1];
+- encode: images (n, 784) in [0, 1] -> posterior means (n, latent), followed by the
+  log-variances (n, 2 * latent) when `logvar` is true;
+- reconstruct: images -> the decoded posterior means (n, 784);
+- score: images -> the negative ELBO of each image in nats, averaged over `samples` draws of z
+  seeded with `seed`, so a score is repeatable: high for images unlike MNIST digits.
+
+The model is logged from code (`pipeline/mlflow_model.py`, no pickle) with this package as its
+code and the weights as a safetensors artifact, so loading it needs neither this repository nor
+an unverified pickle.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from mlflow.exceptions import MlflowException
+from mlflow.models import ModelSignature
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+from mlflow.pyfunc import PythonModel
+from mlflow.types import ParamSchema, ParamSpec, Schema, TensorSpec
+
+from pipeline.model import IMAGE_DIM, VAE, load_vae, loss_terms
+
+METHODS = ("decode", "encode", "reconstruct", "score")
+PARAMS = ParamSchema(
+    [
+        ParamSpec("method", "string", "decode"),
+        ParamSpec("samples", "long", 1),  # score: draws of z per image
+        ParamSpec("seed", "long", 0),  # score: the draws' seed
+        ParamSpec("logvar", "boolean", False),  # encode: also return the log-variances
+    ]
+)
+DESCRIPTION = (
+    "MNIST VAE (the lab's network): predict(data, params={'method': ...}) with method "
+    "decode (default; latent vectors (n, latent) -> images (n, 784) in [0, 1]), encode (images -> "
+    "posterior means, and log-variances with logvar=true), reconstruct (images -> images) or "
+    "score (images -> negative ELBO per image in nats, averaged over `samples` seeded draws; "
+    "high for images unlike digits)."
+)
+
+
+def signature() -> ModelSignature:
+    """Float32 arrays of any width in and out: the width depends on the method."""
+    array = Schema([TensorSpec(np.dtype(np.float32), (-1, -1))])
+    return ModelSignature(inputs=array, outputs=array, params=PARAMS)
+
+
+def invalid(message: str) -> MlflowException:
+    return MlflowException(message, error_code=INVALID_PARAMETER_VALUE)
+
+
+def as_batch(data: object, width: int, what: str) -> torch.Tensor:
+    array = np.asarray(data, dtype=np.float32)
+    if array.ndim != 2 or array.shape[1] != width:
+        raise invalid(f"expected {what} of shape (n, {width}), got shape {array.shape}")
+    if not np.isfinite(array).all():
+        raise invalid(f"expected finite {what}")
+    return torch.from_numpy(array)
+
+
+@torch.no_grad()
+def run_method(model: VAE, data: object, params: dict) -> np.ndarray:
+    method = params.get("method", "decode")
+    if method not in METHODS:
+        raise invalid(f"method {method!r} is not one of {', '.join(METHODS)}")
+    if method == "decode":
+        return model.decode(as_batch(data, model.latent_dim, "latent vectors")).numpy()
+    images = as_batch(data, IMAGE_DIM, "images")
+    if images.min() < 0 or images.max() > 1:
+        raise invalid("expected images with pixel values in [0, 1] (divide uint8 pixels by 255)")
+    mu, logvar = model.encode(images)
+    if method == "encode":
+        return torch.cat([mu, logvar], 1).numpy() if params.get("logvar") else mu.numpy()
+    if method == "reconstruct":
+        return model.decode(mu).numpy()
+    samples = int(params.get("samples", 1))
+    if not 1 <= samples <= 10_000:
+        raise invalid(f"samples = {samples}: use 1 to 10000 draws per image")
+    generator = torch.Generator().manual_seed(int(params.get("seed", 0)))
+    total = torch.zeros(len(images))
+    for _ in range(samples):
+        recon, kl = loss_terms(model, images, generator)
+        total += recon + kl
+    return (total / samples).numpy()
+
+
+class VAEModel(PythonModel):
+    """pyfunc wrapper; the weights come from the `weights` artifact (safetensors)."""
+
+    def load_context(self, context) -> None:
+        self.model = load_vae(context.artifacts["weights"])
+
+    def predict(self, context, model_input: np.ndarray, params: dict | None = None) -> np.ndarray:
+        return run_method(self.model, model_input, params or {})
