@@ -5,7 +5,7 @@ INSTALLED := $(VENV)/.installed
 # Stage commands in dvc.yaml call `python`: make it the virtual environment's.
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: venv repro test test-fast lint format bench mutants promote clean
+.PHONY: venv repro test test-fast lint format bench mutants promote report clean
 
 venv: $(INSTALLED)
 
@@ -43,6 +43,11 @@ mutants: $(INSTALLED)
 
 promote: $(INSTALLED)
 	python -m pipeline promote
+
+# Markdown for a pull request: params and metrics against REV, the lab's curve, the registry.
+REV ?= HEAD
+report: $(INSTALLED)
+	python -m pipeline report --rev $(REV) --check
 
 clean:
 	rm -rf checkpoints mutants .pytest_cache .ruff_cache

@@ -3,6 +3,7 @@
 promote   move @champion to the candidate (or --version N) when it is better
 generate  draw new digits with any MLflow model URI (models:/mnist-vae@champion, runs:/...)
 score     score a folder of PNGs or a .npy file: negative ELBO and latent means per image, as CSV
+report    Markdown: params and metrics against a git revision, the lab's curve, the registry
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from torchvision.utils import save_image
 from pipeline import registry, runtime, scoring, tracking
 from pipeline.config import load_params
 from pipeline.errors import PipelineError, reports_errors
+from pipeline.report import render
 
 
 def promote(args: argparse.Namespace) -> None:
@@ -57,6 +59,13 @@ def score(args: argparse.Namespace) -> None:
     print(f"scored {len(rows)} images from {args.input} with {args.model}: {args.output}")
 
 
+def report(args: argparse.Namespace) -> None:
+    text, passed = render(load_params(), args.rev)
+    print(text, end="")
+    if args.check and not passed:
+        raise PipelineError("the training loss is outside the lab's tolerance (see the report)")
+
+
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__.splitlines()[0])
     commands = root.add_subparsers(dest="command", required=True)
@@ -79,6 +88,10 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--batch-size", type=int, default=500)
     s.set_defaults(run=score)
+    r = commands.add_parser("report", help="Markdown: this run against a git revision")
+    r.add_argument("--rev", default="HEAD", help="the git revision to compare with (HEAD, main)")
+    r.add_argument("--check", action="store_true", help="exit 1 if the lab's curve does not hold")
+    r.set_defaults(run=report)
     return root
 
 

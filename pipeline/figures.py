@@ -17,12 +17,27 @@ from pipeline.evaluation import posterior_means
 from pipeline.model import VAE
 
 
-def digit_grid(images: torch.Tensor, nrow: int) -> np.ndarray:
-    """(n, 784) images in [0, 1] -> one uint8 RGB picture (H, W, 3), `nrow` digits a row."""
+def digit_grid(images: torch.Tensor, nrow: int, scale: int = 1) -> np.ndarray:
+    """(n, 784) images in [0, 1] -> one uint8 RGB picture (H, W, 3), `nrow` digits a row, each
+    pixel drawn as a `scale` x `scale` block (the MLflow UI shows images at their own size)."""
     grid = make_grid(
         images.detach().cpu().reshape(-1, 1, 28, 28), nrow=nrow, padding=2, pad_value=1.0
     )
+    grid = grid.repeat_interleave(scale, dim=1).repeat_interleave(scale, dim=2)
     return (grid.permute(1, 2, 0).clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+
+
+@torch.no_grad()
+def training_pictures(model: VAE, fixed_z: torch.Tensor, fixed_x: torch.Tensor) -> dict:
+    """What the MLflow run shows at each step: digits decoded from the same latent vectors, and
+    the same test digits (top row) over their reconstructions, three times their size."""
+    model.eval()
+    mu, _ = model.encode(fixed_x)
+    pairs = torch.cat([fixed_x, model.decode(mu)])
+    return {
+        "generated": digit_grid(model.decode(fixed_z), nrow=8, scale=3),
+        "reconstructions": digit_grid(pairs, nrow=len(fixed_x), scale=3),
+    }
 
 
 def loss_curves(history: list[dict]) -> Figure:
@@ -52,7 +67,10 @@ def titled_grid(
     """A digit grid (torchvision's make_grid) in a figure with a title and optional row labels."""
     picture = digit_grid(images, nrow)
     rows = -(-len(images) // nrow)
-    fig = Figure(figsize=(max(4.0, nrow * 0.45 + 1.5), rows * 0.45 + 0.9))
+    width = max(4.0, nrow * 0.45 + 1.5)
+    # As tall as the grid drawn across the width (less the row labels), plus the title.
+    height = (width - 1.3) * picture.shape[0] / picture.shape[1] + 0.6
+    fig = Figure(figsize=(width, height))
     ax = fig.subplots()
     ax.imshow(picture, interpolation="nearest")
     ax.set_title(title)
@@ -95,7 +113,11 @@ def manifold(
     labels = [f"{q:.2f}" for q in quantiles.tolist()]
     ax.set_xticks(ticks[::step], labels[::step])
     ax.set_yticks(ticks[::step], labels[::-1][::step])  # the top row holds the high quantiles
-    ax.set(title=title, xlabel=f"{axis_names[0]} (quantile)", ylabel=f"{axis_names[1]} (quantile)")
+    ax.set(
+        title=title,
+        xlabel=f"{axis_names[0]}: position as a quantile",
+        ylabel=f"{axis_names[1]}: position as a quantile",
+    )
     fig.tight_layout()
     return fig
 
@@ -119,7 +141,7 @@ def latent_plane(
     _, singular, directions = torch.linalg.svd(mu - centre, full_matrices=False)
     variance = singular**2 / len(mu)
     share = variance / variance.sum()
-    names = (f"PC 1 ({share[0]:.0%} of variance)", f"PC 2 ({share[1]:.0%} of variance)")
+    names = (f"PC 1, {share[0]:.0%} of the variance", f"PC 2, {share[1]:.0%} of the variance")
     return centre, directions[:2], variance[:2].sqrt(), names
 
 
@@ -177,7 +199,15 @@ def draw_all(
     generator = torch.Generator().manual_seed(cfg.seed)
     mu, _ = posterior_means(model, images, batch_size=1000)
     centre, directions, spread, names = latent_plane(mu)
-    kind = "latent space" if mu.shape[1] <= 2 else "latent means' top-2 PCA plane"
+    if mu.shape[1] <= 2:
+        where = "the latent space"
+        plane = "the latent space itself"
+    else:  # a plane through a space of more dimensions: say which one
+        where = f"the {mu.shape[1]}-D latent space, seen along its two main directions"
+        plane = (
+            f"a 2-D slice of the {mu.shape[1]}-D latent space\n(the plane of the test set's two "
+            "main directions, the others at their mean)"
+        )
     quantiles = torch.linspace(0.05, 0.95, cfg.manifold_size)
     grid = plane_grid(centre, directions, spread, torch.distributions.Normal(0, 1).icdf(quantiles))
     return {
@@ -187,13 +217,13 @@ def draw_all(
             (mu - centre) @ directions.T,
             labels,
             names,
-            f"Test set's posterior means in the {kind}",
+            f"Where the test digits land in {where}\n(each point: one image's posterior mean)",
         ),
         "manifold": manifold(
             model.decode(grid),
             quantiles,
             names,
-            f"Digits decoded across the {kind},\nevenly spaced in probability",
+            f"Digits decoded across {plane},\nat evenly spaced quantiles along each direction",
         ),
         "interpolation": interpolation(model, mu, labels, cfg, generator),
         "training_curves": loss_curves(history),

@@ -15,5 +15,6 @@ RUN_INFO = Path("models/mlflow_run.json")
 CHECKPOINT = Path("checkpoints/train.pt")  # working state for resuming, not a DVC output
 TRAIN_METRICS = Path("metrics/train.json")
 TRAIN_HISTORY = Path("plots/train_history.csv")
-EVAL_METRICS = Path("metrics/evaluate.json")
+EVAL_METRICS = Path("metrics/evaluate.json")  # headline numbers
+EVAL_BREAKDOWN = Path("reports/evaluate_breakdown.json")  # per latent unit and per class
 FIGURES = Path("figures")

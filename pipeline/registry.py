@@ -59,18 +59,32 @@ def register(
     return client.get_model_version(name, version.version)
 
 
-def register_evaluated(client: MlflowClient, params: Params, run_id: str, metrics: dict) -> str:
+def register_evaluated(
+    client: MlflowClient, params: Params, run_id: str, metrics: dict, basis: dict[str, str]
+) -> str:
     """Register the run's model as @candidate; the first model ever evaluated is also @champion.
 
+    `basis` (tags `eval.*`) records how it was evaluated: promotion compares like with like.
     Returns what was done, as one line.
     """
     recipe = {key: asdict(getattr(params, key)) for key in ("data", "model", "train")}
-    tags = {"params_hash": params_hash(recipe), "git.commit": git_tags()["git.commit"]}
+    tags = {"params_hash": params_hash(recipe), "git.commit": git_tags()["git.commit"], **basis}
     version = register(client, params.registry.model_name, run_id, metrics, tags)
     said = f"registered as {version.name} version {version.version} (@{CANDIDATE})"
     if not has_champion(client, version.name):
         said += "; " + promote(client, params.registry)
     return said
+
+
+def basis_differences(candidate: ModelVersion, champion: ModelVersion) -> list[str]:
+    """How two versions' evaluations differ, as `key: candidate's vs champion's`."""
+    keys = sorted(k for k in {**candidate.tags, **champion.tags} if k.startswith("eval."))
+    return [
+        f"{key.removeprefix('eval.')} {candidate.tags.get(key, '?')!r} vs "
+        f"{champion.tags.get(key, '?')!r}"
+        for key in keys
+        if candidate.tags.get(key) != champion.tags.get(key)
+    ]
 
 
 def has_champion(client: MlflowClient, name: str) -> bool:
@@ -128,6 +142,13 @@ def decide(
     if champion.version == candidate.version:
         return Decision(
             False, candidate, champion, f"version {candidate.version} is already champion"
+        )
+    differences = basis_differences(candidate, champion)
+    if differences and not force:
+        raise RegistryError(
+            f"v{candidate.version} and champion v{champion.version} were evaluated differently "
+            f"({'; '.join(differences)}): their {cfg.metric} cannot be compared. Evaluate both "
+            "the same way, or pass --force to promote anyway"
         )
     old = metric_of(champion, cfg.metric)
     gain = old - new if cfg.direction == "minimize" else new - old

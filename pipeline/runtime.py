@@ -23,6 +23,7 @@ def start() -> None:
     # Logging the model checks its input example by loading it back: MLflow announces that and
     # draws a progress bar for each file it copies. The stages' output keeps what people need.
     logging.getLogger("mlflow.pyfunc").setLevel(logging.WARNING)
+    logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # start/stop notices
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 

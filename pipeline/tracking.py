@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
 import urllib.error
 import urllib.request
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict
@@ -16,16 +18,18 @@ import mlflow
 import numpy as np
 import safetensors
 import torch
+import yaml
 from mlflow.entities import RunStatus
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from pipeline import serving
 from pipeline.config import Params
+from pipeline.data import FILES as CANONICAL
 from pipeline.errors import Interrupted, PipelineError
-from pipeline.figures import loss_curves
-from pipeline.files import write_json
+from pipeline.files import read_tensors, write_json
 from pipeline.model import VAE
+from pipeline.paths import TEST_SPLIT, TRAIN_SPLIT
 from pipeline.training import Epoch
 
 SERVER_TIMEOUT_S = 10  # connect + read; well inside the 30 s the user is promised
@@ -106,21 +110,75 @@ def store_error(uri: str, exc: Exception) -> TrackingError:
     return TrackingError(f"the MLflow store {uri} cannot be used ({first[:200]})")
 
 
+# Files DVC rewrites as the pipeline runs: changing them does not make the code dirty.
+DVC_OWNED = ("dvc.lock", "metrics", "plots", "figures")
+
+
 def git_tags() -> dict[str, str]:
     def git(*args: str) -> str:
         result = subprocess.run(["git", *args], capture_output=True, text=True)
         return result.stdout.strip() if result.returncode == 0 else ""
 
     commit = git("rev-parse", "HEAD")
-    dirty = git("status", "--porcelain", "--untracked-files=no")
+    excluded = [f":(exclude){path}" for path in DVC_OWNED]
+    dirty = git("status", "--porcelain", "--untracked-files=no", "--", ".", *excluded)
     return {"git.commit": commit or "unknown", "git.dirty": str(bool(dirty)).lower()}
+
+
+def data_version(lock: Path = Path("dvc.lock")) -> str:
+    """The processed data's hash as dvc.lock records it ("unknown" outside a DVC run)."""
+    try:
+        outs = yaml.safe_load(lock.read_text())["stages"]["preprocess"]["outs"]
+    except (OSError, KeyError, TypeError, yaml.YAMLError):
+        return "unknown"
+    return next((out["md5"] for out in outs if out["path"] == "data/processed"), "unknown")
 
 
 def run_tags(device: torch.device) -> dict[str, str]:
     tags = {**git_tags(), "torch.version": torch.__version__, "device": str(device)}
+    tags |= {"data.version": data_version(), "dvc.stage": "train"}
     if os.environ.get("DVC_EXP_NAME"):
         tags["dvc.exp_name"] = os.environ["DVC_EXP_NAME"]
     return tags
+
+
+def run_name(params: Params) -> str:
+    """The DVC experiment's name, else what the run is: h400-z20-e10 (-dyn: binarised pixels)."""
+    if os.environ.get("DVC_EXP_NAME"):
+        return os.environ["DVC_EXP_NAME"]
+    model, train = params.model, params.train
+    name = f"h{model.hidden_dim}-z{model.latent_dim}-e{train.epochs}"
+    return name + ("-dyn" if params.data.binarize == "dynamic" else "")
+
+
+def describe_training(params: Params) -> str:
+    """The run's description (MLflow's note): what was trained, in a sentence."""
+    m, t = params.model, params.train
+    pixels = "dynamically binarised" if params.data.binarize == "dynamic" else "grey-level"
+    return (
+        f"VAE on MNIST ({pixels} pixels): encoder 784-{m.hidden_dim}-{m.latent_dim}, decoder "
+        f"{m.latent_dim}-{m.hidden_dim}-784; {t.epochs} epochs, batch {t.batch_size}, "
+        f"Adam lr {t.lr}, seed {t.seed}."
+    )
+
+
+def log_datasets(train_file: Path, test_file: Path) -> None:
+    """MNIST train and test as the run's dataset inputs, named by their canonical digests."""
+    for name, path, canonical in (
+        ("mnist-train", train_file, "train-images-idx3-ubyte"),
+        ("mnist-test", test_file, "t10k-images-idx3-ubyte"),
+    ):
+        tensors, _ = read_tensors(path, "dvc repro preprocess")
+        with warnings.catch_warnings():  # MLflow registers local files under two names
+            warnings.filterwarnings("ignore", "The specified dataset source can be interpreted")
+            dataset = mlflow.data.from_numpy(
+                tensors["images"].numpy(),
+                targets=tensors["labels"].numpy(),
+                source=str(Path(path).resolve()),
+                name=name,
+                digest=CANONICAL[canonical]["md5"],
+            )
+        mlflow.log_input(dataset, context="training" if name == "mnist-train" else "testing")
 
 
 def run_exists(run_id: str) -> bool:
@@ -140,10 +198,17 @@ def training_run(
     run_id: str | None, experiment_id: str, params: Params, device: torch.device
 ) -> Iterator[str]:
     """Continue the run `run_id`, or start one with the params and tags; yield its id."""
-    with mlflow.start_run(run_id=run_id, experiment_id=None if run_id else experiment_id) as run:
+    with mlflow.start_run(
+        run_id=run_id,
+        experiment_id=None if run_id else experiment_id,
+        run_name=None if run_id else run_name(params),
+        description=None if run_id else describe_training(params),
+        log_system_metrics=True,  # CPU, memory (and GPU when present) beside the curves
+    ) as run:
         if run_id is None:
             mlflow.log_params(params.flat())
             mlflow.set_tags(run_tags(device))
+            log_datasets(TRAIN_SPLIT, TEST_SPLIT)
         try:
             yield run.info.run_id
         except Interrupted:
@@ -151,15 +216,21 @@ def training_run(
             raise
 
 
-def log_epoch(row: Epoch, grid: np.ndarray | None) -> None:
-    """The epoch's metrics (step = epoch), after its grid of digits when there is one.
+def log_pictures(step: int, pictures: dict[str, np.ndarray]) -> None:
+    """Images for the UI's step slider, written synchronously (mlflow.log_image defaults to a
+    queue, whose join costs up to 1 s at exit and which kill -9 would lose)."""
+    for key, picture in pictures.items():
+        mlflow.log_image(picture, key=key, step=step, synchronous=True)
 
-    The grid is written before the metrics, and synchronously (mlflow.log_image defaults to a
-    queue): a step with metrics then always has its grid, even after kill -9, which is what
-    resuming relies on. The queue would also cost up to 1 s at exit, joined once per run.
+
+def log_epoch(row: Epoch, pictures: dict[str, np.ndarray] | None) -> None:
+    """The epoch's metrics (step = epoch), after its pictures when there are any.
+
+    The pictures come first: a step with metrics then always has them, even after kill -9,
+    which is what resuming relies on.
     """
-    if grid is not None:
-        mlflow.log_image(grid, key="generated", step=row.epoch, synchronous=True)
+    if pictures:
+        log_pictures(row.epoch, pictures)
     values = asdict(row)
     metrics = {
         f"{split}/{term}": values[f"{split}_{term}"]
@@ -176,9 +247,9 @@ def unlogged(run_id: str, history: list[Epoch]) -> list[Epoch]:
     return [row for row in history if row.epoch not in logged]
 
 
-def log_trained_model(model: VAE, history: list[Epoch], weights: Path) -> None:
-    """What the end of training adds to the run: the curves, the model, the weights file."""
-    mlflow.log_figure(loss_curves([asdict(row) for row in history]), "figures/loss_curves.png")
+def log_trained_model(model: VAE, weights: Path) -> None:
+    """What the end of training adds to the run: the model and its weights file (the curves
+    are the run's metrics; the sample stage adds the figures)."""
     log_vae_model(weights, model.latent_dim)
     mlflow.log_artifact(str(weights), "weights")
 
@@ -236,6 +307,45 @@ def attached_run(experiment: str, run_info: Path) -> Iterator[tuple[mlflow.Activ
             f"logging to new run {run.info.run_id}, tagged trained_in_run={trained_in}"
         )
         yield run, False
+
+
+def file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()[:16]
+
+
+def log_evaluation(metrics: dict, results: str) -> None:
+    """Evaluate's part of the run: two result metrics (the test loss and its terms are already
+    the last step of test/*), the breakdowns as tables, the results in the description."""
+    mlflow.log_metrics({f"eval/{key}": metrics[key] for key in ("log_px_iwae", "active_units")})
+    units = range(len(metrics["kl_per_dim"]))
+    with warnings.catch_warnings():  # pandas 3 deprecation raised inside MLflow's log_table
+        warnings.simplefilter("ignore", FutureWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        log_tables(metrics, units)
+    mlflow.log_dict(metrics, "evaluation/metrics.json")
+    note = mlflow.get_run(mlflow.active_run().info.run_id).data.tags.get("mlflow.note.content")
+    training = (note or "").split("\n\n")[0]
+    mlflow.set_tag("mlflow.note.content", f"{training}\n\n{results}".strip())
+
+
+def log_tables(metrics: dict, units: range) -> None:
+    mlflow.log_table(
+        {
+            "unit": [f"z{d}" for d in units],
+            "kl": list(metrics["kl_per_dim"].values()),
+            "activity": list(metrics["activity_per_dim"].values()),
+        },
+        artifact_file="evaluation/latent_units.json",
+    )
+    per_class = metrics["loss_per_class"]
+    mlflow.log_table(
+        {"digit": list(per_class), "loss": list(per_class.values())},
+        artifact_file="evaluation/loss_per_class.json",
+    )
 
 
 def flatten_metrics(metrics: dict, prefix: str) -> dict[str, float]:

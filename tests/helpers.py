@@ -98,10 +98,11 @@ def store(repo: Path) -> MlflowClient:
     return MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
 
 
-def grid_steps(client: MlflowClient, run_id: str) -> list[int]:
-    """The steps of the run's `generated` grids, one entry per PNG logged."""
+def grid_steps(client: MlflowClient, run_id: str, key: str = "generated") -> list[int]:
+    """The steps of the run's `key` images (`generated` grids), one entry per PNG logged."""
     paths = [a.path for a in client.list_artifacts(run_id, "images") if a.path.endswith(".png")]
-    return sorted(int(path.split("generated+step+")[1].split("+")[0]) for path in paths)
+    prefix = f"images/{key}+step+"
+    return sorted(int(p.removeprefix(prefix).split("+")[0]) for p in paths if p.startswith(prefix))
 
 
 def free_port() -> int:

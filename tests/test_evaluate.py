@@ -18,7 +18,7 @@ from pipeline.evaluation import (
 )
 from pipeline.figures import draw_all
 from pipeline.model import VAE, loss_terms, reconstruction_loss
-from pipeline.paths import EVAL_METRICS, FIGURES, RUN_INFO
+from pipeline.paths import EVAL_BREAKDOWN, EVAL_METRICS, FIGURES, RUN_INFO
 from pipeline.stages import train as train_stage
 from pipeline.stages.evaluate import run_evaluation
 from pipeline.stages.sample import read_history, run_sampling
@@ -206,7 +206,13 @@ def train_tiny() -> str:
 def test_evaluate_logs_to_the_run_that_trained_the_model(workdir: Path) -> None:
     run_id = train_tiny()
     metrics = run_evaluation(load_params())
-    assert json.loads(EVAL_METRICS.read_text()) == metrics
+    headline = json.loads(EVAL_METRICS.read_text())
+    assert list(headline) == ["test_loss", "test_recon", "test_kl", "elbo", "log_px_iwae",
+                              "active_units"]  # fmt: skip
+    assert all(headline[key] == metrics[key] for key in headline)
+    breakdown = json.loads(EVAL_BREAKDOWN.read_text())
+    assert breakdown == {key: metrics[key] for key in ("kl_per_dim", "activity_per_dim",
+                                                       "loss_per_class")}  # fmt: skip
     assert metrics["test_loss"] == pytest.approx(metrics["test_recon"] + metrics["test_kl"])
     assert metrics["elbo"] == -metrics["test_loss"]
     assert metrics["test_kl"] == pytest.approx(sum(metrics["kl_per_dim"].values()), rel=1e-5)
@@ -220,8 +226,15 @@ def test_evaluate_logs_to_the_run_that_trained_the_model(workdir: Path) -> None:
     assert 0 <= metrics["active_units"] <= 4
     client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
     run = client.get_run(run_id)
-    assert run.data.metrics["eval/test_loss"] == pytest.approx(metrics["test_loss"])
-    assert run.data.metrics["eval/kl_per_dim/z03"] == pytest.approx(metrics["kl_per_dim"]["z03"])
+    assert run.data.metrics["eval/log_px_iwae"] == pytest.approx(metrics["log_px_iwae"])
+    results = sorted(key for key in run.data.metrics if not key.startswith("system/"))
+    assert len(results) <= 20 and not any("per_dim" in key or "class" in key for key in results)
+    units = json.loads(Path(client.download_artifacts(run_id, "evaluation/latent_units.json"))
+                       .read_text())  # fmt: skip
+    assert units["columns"] == ["unit", "kl", "activity"] and len(units["data"]) == 4
+    assert units["data"][3][1] == pytest.approx(metrics["kl_per_dim"]["z03"])
+    note = run.data.tags["mlflow.note.content"]
+    assert note.startswith("VAE on MNIST") and f"loss {metrics['test_loss']:.2f} nats" in note
     # the first model ever evaluated is both @candidate and @champion
     for alias in ("candidate", "champion"):
         assert client.get_model_version_by_alias("mnist-vae", alias).run_id == run_id
@@ -241,14 +254,14 @@ def test_evaluate_falls_back_to_a_new_tagged_run(workdir: Path, capsys) -> None:
     tagged = client.search_runs(
         [experiment.experiment_id], "tags.trained_in_run = '0123456789abcdef0123456789abcdef'"
     )
-    assert len(tagged) == 1 and "eval/test_loss" in tagged[0].data.metrics
+    assert len(tagged) == 1 and "eval/log_px_iwae" in tagged[0].data.metrics
 
 
 def test_sample_writes_every_figure_as_a_png_and_logs_it(workdir: Path) -> None:
     run_id = train_tiny()
     names = run_sampling(load_params())
     expected_sizes = {
-        "generated": (510, 450),
+        "generated": (510, 440),
         "latent_space": (700, 600),
         "manifold": (800, 800),
         "training_curves": (1300, 380),
@@ -404,3 +417,25 @@ def test_every_size_bound_config_accepts_runs_through_every_stage(
     metrics = run_evaluation(params)
     assert math.isfinite(metrics["test_loss"]) and math.isfinite(metrics["log_px_iwae"])
     assert set(run_sampling(params)) == FIGURE_NAMES
+
+
+def test_promote_refuses_a_candidate_evaluated_unlike_the_champion(
+    workdir: Path, set_params
+) -> None:
+    from pipeline import registry
+    from pipeline.registry import RegistryError
+
+    run_evaluation_after_training()  # grey levels: the champion
+    set_params(workdir, data={"binarize": "dynamic"})
+    run_evaluation_after_training()  # binarised: the candidate, easier to score
+    client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+    cfg = load_params().registry
+    with pytest.raises(RegistryError) as refused:
+        registry.promote(client, cfg, dry_run=True)
+    assert str(refused.value).startswith(
+        "v2 and champion v1 were evaluated differently (pixels 'dynamic, seed 0' vs 'grey'): "
+        "their test_loss cannot be compared."
+    )
+    forced = registry.promote(client, cfg, force=True)
+    assert forced.startswith("promote v2 to @champion: forced; test_loss")
+    assert str(client.get_model_version_by_alias("mnist-vae", "champion").version) == "2"

@@ -12,11 +12,12 @@ import numpy as np
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
+from PIL import Image
 
 from helpers import grid_steps, store
 from pipeline import training
 from pipeline.config import load_params
-from pipeline.data import load_split
+from pipeline.data import REFERENCE, load_split
 from pipeline.errors import PipelineError
 from pipeline.model import load_vae
 from pipeline.paths import (
@@ -55,7 +56,12 @@ def client() -> MlflowClient:
     return store(Path.cwd())  # the workdir fixture makes the test's repo the working directory
 
 
-def test_a_run_logs_every_epoch_the_grids_and_a_model_that_loads_back(workdir: Path) -> None:
+def test_a_run_logs_every_epoch_the_grids_and_a_model_that_loads_back(
+    workdir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # System metrics: one sample a tenth of a second here (MLflow's default: every 10 s).
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.1")
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLES_BEFORE_LOGGING", "1")
     final = run_train()
     run_id = json.loads(RUN_INFO.read_text())["run_id"]
     run = client().get_run(run_id)
@@ -65,10 +71,25 @@ def test_a_run_logs_every_epoch_the_grids_and_a_model_that_loads_back(workdir: P
     assert run.data.params["model.hidden_dim"] == "32" and run.data.params["train.lr"] == "0.001"
     assert run.data.tags["device"] == "cpu" and "git.commit" in run.data.tags
     assert run.data.tags["torch.version"] == torch.__version__
-    assert grid_steps(client(), run_id) == [1, 2, 3]
-    assert {a.path for a in client().list_artifacts(run_id, "figures")} == {
-        "figures/loss_curves.png"
-    }
+    assert grid_steps(client(), run_id) == [0, 1, 2, 3]  # step 0: the untrained decoder
+    assert grid_steps(client(), run_id, "reconstructions") == [0, 1, 2, 3]
+    grid = client().download_artifacts(run_id, "images")
+    sizes = {Image.open(png).size for png in Path(grid).glob("generated+step+0+*.png")}
+    assert sizes == {(3 * (8 * 30 + 2), 3 * (8 * 30 + 2))}  # 8x8 digits, three times their size
+    assert client().list_artifacts(run_id, "figures") == []  # the sample stage draws figures
+
+    # Runs people can tell apart: a name, a description, the data, the machine's load.
+    assert run.info.run_name == "h32-z4-e3"
+    assert run.data.tags["mlflow.note.content"].startswith(
+        "VAE on MNIST (grey-level pixels): encoder 784-32-4, decoder 4-32-784; 3 epochs"
+    )
+    inputs = {d.dataset.name: d for d in run.inputs.dataset_inputs}
+    assert sorted(inputs) == ["mnist-test", "mnist-train"]
+    canonical = REFERENCE["files"]["train-images-idx3-ubyte"]["md5"]  # of the MNIST file
+    assert inputs["mnist-train"].dataset.digest == canonical
+    assert any(key.startswith("system/cpu_utilization") for key in run.data.metrics)
+    results = [key for key in run.data.metrics if not key.startswith("system/")]
+    assert sorted(results) == sorted(METRICS)
 
     # The logged model is the whole VAE; called as before (no params) it decodes latent vectors.
     mlflow.set_tracking_uri(f"sqlite:///{Path.cwd() / 'mlflow.db'}")
@@ -103,7 +124,7 @@ def test_an_epochs_grid_is_stored_before_its_metrics_and_without_a_queue(
     with pytest.raises(Crash):
         run_train()
     run_id = torch.load(CHECKPOINT, weights_only=True)["run_id"]
-    assert grid_steps(client(), run_id) == [1]
+    assert grid_steps(client(), run_id) == [0, 1]
     assert mlflow_queue_threads() == queues
 
 
@@ -310,7 +331,7 @@ def test_kill_9_mid_run_then_resume_matches_an_uninterrupted_run(
     steps = [m.step for m in client().get_metric_history(run_id, "test/loss")]
     assert steps == list(range(1, 13))
     # A step's grid may be logged twice: by the killed process and again on resume.
-    assert set(grid_steps(client(), run_id)) == set(range(1, 13))
+    assert set(grid_steps(client(), run_id)) == set(range(0, 13))
     assert client().get_run(run_id).info.status == "FINISHED"
 
 

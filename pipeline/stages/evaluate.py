@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import mlflow
 from mlflow.tracking import MlflowClient
 
 from pipeline import registry, runtime, tracking
@@ -12,7 +11,29 @@ from pipeline.errors import ConfigError, reports_errors
 from pipeline.evaluation import SCALAR_METRICS, evaluate
 from pipeline.files import write_json
 from pipeline.model import load_vae
-from pipeline.paths import EVAL_METRICS, RUN_INFO, TEST_SPLIT, WEIGHTS
+from pipeline.paths import EVAL_BREAKDOWN, EVAL_METRICS, RUN_INFO, TEST_SPLIT, WEIGHTS
+
+BREAKDOWNS = ("kl_per_dim", "activity_per_dim", "loss_per_class")
+
+
+def comparison_basis(params: Params) -> dict[str, str]:
+    """What makes two evaluations comparable: the same test images, pixels and estimators."""
+    binarize = params.data.binarize
+    pixels = f"dynamic, seed {params.data.binarize_seed}" if binarize == "dynamic" else "grey"
+    return {
+        "eval.test_data": tracking.file_digest(TEST_SPLIT),
+        "eval.pixels": pixels,
+        "eval.metrics": f"negative ELBO (1 sample); IWAE k = {params.evaluate.iwae_samples}",
+    }
+
+
+def describe_results(metrics: dict) -> str:
+    return (
+        f"Test set: loss {metrics['test_loss']:.2f} nats (reconstruction "
+        f"{metrics['test_recon']:.2f} + KL {metrics['test_kl']:.2f}), log p(x) >= "
+        f"{metrics['log_px_iwae']:.2f} (IWAE, k = {metrics['iwae_samples']}), "
+        f"{metrics['active_units']} of {metrics['latent_dim']} latent units active."
+    )
 
 
 def run_evaluation(params: Params) -> dict:
@@ -36,11 +57,15 @@ def run_evaluation(params: Params) -> dict:
             threshold=cfg.active_unit_threshold,
             seed=cfg.seed,
         )
-        write_json(EVAL_METRICS, metrics)
-        mlflow.log_metrics(tracking.flatten_metrics(metrics, "eval"))
-        mlflow.log_dict(metrics, "evaluation/metrics.json")
+        headline = {key: metrics[key] for key in SCALAR_METRICS}
+        breakdown = {key: metrics[key] for key in BREAKDOWNS}
+        write_json(EVAL_METRICS, headline)
+        write_json(EVAL_BREAKDOWN, breakdown)
+        tracking.log_evaluation(metrics, describe_results(metrics))
         if attached:
-            print(registry.register_evaluated(MlflowClient(), params, run.info.run_id, metrics))
+            basis = comparison_basis(params)
+            client = MlflowClient()
+            print(registry.register_evaluated(client, params, run.info.run_id, headline, basis))
         else:
             print("not registered: the model's MLflow run is not in this store")
     return metrics

@@ -5,14 +5,13 @@ from __future__ import annotations
 import csv
 from dataclasses import asdict
 
-import numpy as np
 import torch
 
 from pipeline import runtime, tracking
 from pipeline.config import Params, load_params
 from pipeline.data import binarize_once, load_split
 from pipeline.errors import Interrupted, reports_errors, stop_requests
-from pipeline.figures import digit_grid
+from pipeline.figures import training_pictures
 from pipeline.files import atomic_path, write_json
 from pipeline.model import VAE, save_vae
 from pipeline.paths import (
@@ -35,12 +34,7 @@ from pipeline.training import (
     pick_device,
 )
 
-GRID_SIZE = 64  # the digits decoded from the same latent vectors after every epoch
-
-
-@torch.no_grad()
-def epoch_grid(model: VAE, fixed_z: torch.Tensor) -> np.ndarray:
-    return digit_grid(model.eval().decode(fixed_z), nrow=8)
+GRID_SIZE, SHOWN_DIGITS = 64, 8  # generated and reconstructed digits in the run, each step
 
 
 def write_outputs(history: list[Epoch], model: VAE, run_id: str, experiment_id: str) -> None:
@@ -83,12 +77,16 @@ def train(params: Params) -> None:
     history = resumed.history
     seeded = torch.Generator().manual_seed(cfg.seed)
     fixed_z = torch.randn(GRID_SIZE, model.latent_dim, generator=seeded).to(device)
+    shown = test_x[:SHOWN_DIGITS]
 
     run = tracking.training_run(resumed.run_id, experiment_id, params, device)
     with stop_requests() as stop, run as run_id:
+        if resumed.run_id is None:  # step 0: the untrained decoder
+            tracking.log_pictures(0, training_pictures(model, fixed_z, shown))
         for row in tracking.unlogged(run_id, history):  # checkpointed, then killed before logging
-            # The model in hand is the last epoch's: only that epoch's grid can be drawn again.
-            log_epoch(row, epoch_grid(model, fixed_z) if row == history[-1] else None)
+            # The model in hand is the last epoch's: only its pictures can be drawn again.
+            last = row == history[-1]
+            log_epoch(row, training_pictures(model, fixed_z, shown) if last else None)
         epochs = fit(
             model,
             optimizer,
@@ -105,11 +103,11 @@ def train(params: Params) -> None:
                 history.append(row)
                 save_checkpoint(CHECKPOINT, key, model, optimizer, history, run_id)
                 print(row.line(cfg.epochs), flush=True)
-                log_epoch(row, epoch_grid(model, fixed_z))
+                log_epoch(row, training_pictures(model, fixed_z, shown))
         except Interrupted as interrupted:
             raise Interrupted(interrupted.signum, kept(history, run_id)) from None
         write_outputs(history, model, run_id, experiment_id)
-        tracking.log_trained_model(model, history, WEIGHTS)
+        tracking.log_trained_model(model, WEIGHTS)
     CHECKPOINT.unlink(missing_ok=True)
     print(f"MLflow run {run_id} in {tracking.tracking_uri()}")
 

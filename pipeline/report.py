@@ -1,0 +1,111 @@
+"""`python -m pipeline report`: this workspace's run against a git revision, as Markdown.
+
+In the spirit of a CML comment on a pull request: params and metrics that changed (DVC's own
+diffs), the lab's curve beside this run's with the CI tolerance, the registry's candidate
+against its champion, and where the figures are.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from pipeline import registry, tracking
+from pipeline.config import Params
+from pipeline.paths import FIGURES, TRAIN_HISTORY
+
+LAB = json.loads((Path(__file__).parent / "lab_curve.json").read_text())
+
+
+def dvc_table(*args: str) -> str:
+    """A `dvc ... --md` table, or a line saying there is nothing to show."""
+    result = subprocess.run(
+        [sys.executable, "-m", "dvc", *args, "--md"], capture_output=True, text=True
+    )
+    if result.returncode != 0:
+        return f"(`dvc {' '.join(args)}` failed: {result.stderr.strip().splitlines()[-1:]})"
+    rows = [line for line in result.stdout.strip().splitlines() if line.strip()]
+    return "\n".join(rows) if len(rows) > 2 else "No changes."
+
+
+def lab_curve_section(history_file: Path = TRAIN_HISTORY) -> tuple[str, bool]:
+    """The lab's curve beside this run's, and whether it is within the CI tolerance."""
+    if not history_file.is_file():
+        return f"No `{history_file}`: run `make repro` first.", False
+    with history_file.open() as f:
+        ours = [float(row["train_loss"]) for row in csv.DictReader(f)]
+    lab, tolerance = LAB["epochs"], LAB["tolerance"]
+    lines = ["| epoch | lab | this run | difference |", "| --- | --- | --- | --- |"]
+    for epoch, (theirs, mine) in enumerate(zip(lab, ours, strict=False), start=1):
+        lines.append(f"| {epoch} | {theirs:.2f} | {mine:.2f} | {mine - theirs:+.2f} |")
+    gaps = [abs(mine - theirs) for theirs, mine in zip(lab, ours, strict=False)]
+    passed = (
+        len(ours) == len(lab)
+        and max(gaps) <= tolerance["each_epoch"]
+        and gaps[-1] <= tolerance["final"]
+    )
+    verdict = "PASS" if passed else "FAIL"
+    lines.append(
+        f"\nCI tolerance (every epoch within {tolerance['each_epoch']}, epoch {len(lab)} within "
+        f"{tolerance['final']}): **{verdict}**"
+        + ("" if len(ours) == len(lab) else f" ({len(ours)} epochs, not {len(lab)})")
+    )
+    return "\n".join(lines), passed
+
+
+def registry_section(params: Params) -> str:
+    uri = tracking.tracking_uri()
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        return "No MLflow store here: run `make repro` to train and register a model."
+    client = MlflowClient(uri)
+    cfg, name = params.registry, params.registry.model_name
+    try:
+        candidate = client.get_model_version_by_alias(name, registry.CANDIDATE)
+        champion = client.get_model_version_by_alias(name, registry.CHAMPION)
+    except MlflowException:
+        return f"`{name}` has no @candidate and @champion yet."
+    if candidate.version == champion.version:
+        return f"v{candidate.version} is both @candidate and @champion."
+    lines = [
+        f"| | version | {cfg.metric} | evaluated on |",
+        "| --- | --- | --- | --- |",
+    ]
+    for role, version in (("candidate", candidate), ("champion", champion)):
+        value = version.tags.get(f"metric.{cfg.metric}", "?")
+        basis = version.tags.get("eval.pixels", "?")
+        lines.append(f"| @{role} | v{version.version} | {value} | {basis} pixels |")
+    differences = registry.basis_differences(candidate, champion)
+    if differences:
+        lines.append(f"\nNot comparable: evaluated differently ({'; '.join(differences)}).")
+    else:
+        new = float(candidate.tags.get(f"metric.{cfg.metric}", "nan"))
+        old = float(champion.tags.get(f"metric.{cfg.metric}", "nan"))
+        lines.append(
+            f"\n{cfg.metric}: candidate minus champion {new - old:+.4f} ({cfg.direction})."
+        )
+    return "\n".join(lines)
+
+
+def render(params: Params, rev: str) -> tuple[str, bool]:
+    """The report, and whether the lab's curve holds."""
+    curve, passed = lab_curve_section()
+    figures = sorted(FIGURES.glob("*.png"))
+    sections = [
+        f"# MNIST VAE: the workspace against `{rev}`",
+        f"## Params that changed\n\n{dvc_table('params', 'diff', rev)}",
+        f"## Metrics that changed\n\n{dvc_table('metrics', 'diff', rev, '--precision', '4')}",
+        f"## The lab's training loss beside this run's\n\n{curve}",
+        f"## Registry: @candidate against @champion\n\n{registry_section(params)}",
+        "## Figures\n\n"
+        + ("\n".join(f"- `{path}`" for path in figures) or "None yet: run `make repro`.")
+        + "\n\nCurves per experiment: `dvc plots diff "
+        + rev
+        + "` writes `dvc_plots/index.html`.",
+    ]
+    return "\n\n".join(sections) + "\n", passed
