@@ -317,10 +317,12 @@ def file_digest(path: Path) -> str:
     return digest.hexdigest()[:16]
 
 
-def log_evaluation(metrics: dict, results: str) -> None:
-    """Evaluate's part of the run: two result metrics (the test loss and its terms are already
-    the last step of test/*), the breakdowns as tables, the results in the description."""
-    mlflow.log_metrics({f"eval/{key}": metrics[key] for key in ("log_px_iwae", "active_units")})
+def log_evaluation(metrics: dict, results: str, step: int) -> None:
+    """Evaluate's part of the run: two test-set results at the last epoch's step, beside the
+    test curves (whose last step already holds the test loss and its terms), the breakdowns as
+    tables and the results in the description."""
+    results_now = {f"test/{key}": metrics[key] for key in ("log_px_iwae", "active_units")}
+    mlflow.log_metrics(results_now, step=step)
     units = range(len(metrics["kl_per_dim"]))
     with warnings.catch_warnings():  # pandas 3 deprecation raised inside MLflow's log_table
         warnings.simplefilter("ignore", FutureWarning)

@@ -207,7 +207,7 @@ def test_evaluate_logs_to_the_run_that_trained_the_model(workdir: Path) -> None:
     run_id = train_tiny()
     metrics = run_evaluation(load_params())
     headline = json.loads(EVAL_METRICS.read_text())
-    assert list(headline) == ["test_loss", "test_recon", "test_kl", "elbo", "log_px_iwae",
+    assert list(headline) == ["test_loss", "test_recon", "test_kl", "log_px_iwae",
                               "active_units"]  # fmt: skip
     assert all(headline[key] == metrics[key] for key in headline)
     breakdown = json.loads(EVAL_BREAKDOWN.read_text())
@@ -226,7 +226,7 @@ def test_evaluate_logs_to_the_run_that_trained_the_model(workdir: Path) -> None:
     assert 0 <= metrics["active_units"] <= 4
     client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
     run = client.get_run(run_id)
-    assert run.data.metrics["eval/log_px_iwae"] == pytest.approx(metrics["log_px_iwae"])
+    assert run.data.metrics["test/log_px_iwae"] == pytest.approx(metrics["log_px_iwae"])
     results = sorted(key for key in run.data.metrics if not key.startswith("system/"))
     assert len(results) <= 20 and not any("per_dim" in key or "class" in key for key in results)
     units = json.loads(Path(client.download_artifacts(run_id, "evaluation/latent_units.json"))
@@ -254,7 +254,7 @@ def test_evaluate_falls_back_to_a_new_tagged_run(workdir: Path, capsys) -> None:
     tagged = client.search_runs(
         [experiment.experiment_id], "tags.trained_in_run = '0123456789abcdef0123456789abcdef'"
     )
-    assert len(tagged) == 1 and "eval/log_px_iwae" in tagged[0].data.metrics
+    assert len(tagged) == 1 and "test/log_px_iwae" in tagged[0].data.metrics
 
 
 def test_sample_writes_every_figure_as_a_png_and_logs_it(workdir: Path) -> None:

@@ -61,7 +61,7 @@ def run_evaluation(params: Params) -> dict:
         breakdown = {key: metrics[key] for key in BREAKDOWNS}
         write_json(EVAL_METRICS, headline)
         write_json(EVAL_BREAKDOWN, breakdown)
-        tracking.log_evaluation(metrics, describe_results(metrics))
+        tracking.log_evaluation(metrics, describe_results(metrics), step=params.train.epochs)
         if attached:
             basis = comparison_basis(params)
             client = MlflowClient()

@@ -41,7 +41,8 @@ def write_outputs(history: list[Epoch], model: VAE, run_id: str, experiment_id: 
     save_vae(model, WEIGHTS)
     tracking.write_run_info(RUN_INFO, run_id, experiment_id)
     final = asdict(history[-1])
-    results = {key: final[key] for key in HISTORY_FIELDS if key != "epoch"}
+    # The training terms only: the test set's numbers are evaluate's (metrics/evaluate.json).
+    results = {key: final[key] for key in ("train_loss", "train_recon", "train_kl")}
     write_json(TRAIN_METRICS, results | {"epochs": final["epoch"]})
     with atomic_path(TRAIN_HISTORY) as tmp, tmp.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=HISTORY_FIELDS, extrasaction="ignore")
