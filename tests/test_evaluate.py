@@ -362,32 +362,21 @@ def test_a_later_model_becomes_candidate_but_not_champion(workdir: Path, set_par
     assert client.get_model_version_by_alias("mnist-vae", "champion").run_id == first
 
 
-SIZE_BOUNDS = {
-    "smallest": {
-        "model": {"hidden_dim": 1, "latent_dim": 1},
-        "train": {"epochs": 1, "batch_size": 1},
-        "evaluate": {"iwae_samples": 1, "batch_size": 1},
-        "sample": {
-            "n_samples": 1,
-            "n_reconstructions": 1,
-            "manifold_size": 2,
-            "interpolation_rows": 1,
-            "interpolation_steps": 2,
-        },
-    },
-    "largest": {
-        "model": {"hidden_dim": 4096, "latent_dim": 256},
-        "train": {"epochs": 1, "batch_size": 60_000},
-        "evaluate": {"iwae_samples": 10_000, "batch_size": 10_000},
-        "sample": {
-            "n_samples": 1024,
-            "n_reconstructions": 64,
-            "manifold_size": 50,
-            "interpolation_rows": 32,
-            "interpolation_steps": 32,
-        },
-    },
-}
+def size_bounds(bound: str) -> dict[str, dict[str, int]]:
+    """Every bounded size in config.py at its smallest or largest accepted value (epochs: 1)."""
+    import dataclasses
+    import typing
+
+    from pipeline.config import Params
+
+    chosen = {}
+    for section, kind in typing.get_type_hints(Params).items():
+        for f in dataclasses.fields(kind):
+            if f.metadata.get("at_most") is not None and f.name != "epochs":
+                value = f.metadata["at_least"] if bound == "smallest" else f.metadata["at_most"]
+                chosen.setdefault(section, {})[f.name] = value
+    chosen["train"]["epochs"] = 1
+    return chosen
 
 
 @pytest.mark.parametrize(
@@ -401,11 +390,15 @@ def test_every_size_bound_config_accepts_runs_through_every_stage(
 
     from pipeline.config import ConfigError, parse_params
 
-    set_params(workdir, **SIZE_BOUNDS[bound])
+    bounds = size_bounds(bound)
+    assert {key for values in bounds.values() for key in values} >= {
+        "hidden_dim", "latent_dim", "batch_size", "iwae_samples", "n_samples", "manifold_size",
+    }  # fmt: skip
+    set_params(workdir, **bounds)
     params = load_params()
     # Each bound is where validation stops: one step beyond it is refused.
     raw = yaml.safe_load((workdir / "params.yaml").read_text())
-    for section, values in SIZE_BOUNDS[bound].items():
+    for section, values in bounds.items():
         for key, value in values.items():
             if key == "epochs":
                 continue

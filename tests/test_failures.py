@@ -265,3 +265,54 @@ def test_a_real_signal_stops_the_train_process_and_the_next_run_resumes(
     assert f"resuming after epoch {kept}" in resumed.stdout
     assert store(workdir).get_run(run_id).info.status == "FINISHED"
     assert json.loads(RUN_INFO.read_text())["run_id"] == run_id
+
+
+OUT_OF_MEMORY_DRIVER = """
+import resource, sys
+from pipeline.stages import evaluate
+# A real allocation failure: cap this process's data segment a little above what it uses now.
+used = int(open("/proc/self/status").read().split("VmData:")[1].split()[0]) * 1024
+resource.setrlimit(resource.RLIMIT_DATA, (used + (300 << 20), resource.RLIM_INFINITY))
+sys.argv = ["evaluate"]
+evaluate.main()
+"""
+
+
+@pytest.mark.slow
+def test_running_out_of_memory_in_a_real_process_is_one_line(workdir: Path, set_params) -> None:
+    set_params(workdir, model={"hidden_dim": 4096}, train={"epochs": 1})
+    train_stage.train(load_params())
+    before = (workdir / "models" / "mlflow_run.json").read_bytes()
+    # k = 10,000 draws: each chunk of 32,768 rows needs 0.5 GB of hidden units at width 4096
+    set_params(workdir, model={"hidden_dim": 4096}, train={"epochs": 1},
+               evaluate={"iwae_samples": 10_000})  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-c", OUT_OF_MEMORY_DRIVER], capture_output=True, text=True
+    )
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert len(lines) == 1 and lines[0].startswith("error: out of memory (")
+    assert "lower the sizes in params.yaml (model.hidden_dim, train.batch_size" in lines[0]
+    assert (workdir / "models" / "mlflow_run.json").read_bytes() == before
+    assert not (workdir / "metrics" / "evaluate.json").exists()
+
+
+@pytest.mark.slow  # SQLite waits out its busy timeout first
+def test_a_store_locked_by_another_process_is_named(
+    workdir: Path, capsys: pytest.CaptureFixture
+) -> None:
+    import sqlite3
+
+    holder = sqlite3.connect(workdir / "mlflow.db")
+    holder.execute("BEGIN EXCLUSIVE")  # as a long write from another process would
+    try:
+        code, lines = run_main(train_stage, capsys)
+    finally:
+        holder.rollback()
+        holder.close()
+    assert code == 1
+    assert lines == [
+        f"error: the MLflow store sqlite:///{workdir / 'mlflow.db'} is locked by another "
+        "process; wait for it to finish, or use a tracking server (MLFLOW_TRACKING_URI) for "
+        "parallel runs"
+    ]
