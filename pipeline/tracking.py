@@ -297,8 +297,13 @@ def attached_run(experiment: str, run_info: Path) -> Iterator[tuple[mlflow.Activ
     experiment_id = connect(experiment)
     trained_in = read_run_info(run_info)["run_id"]
     if run_exists(trained_in):
+        status = MlflowClient().get_run(trained_in).info.status
         with mlflow.start_run(run_id=trained_in) as run:
-            yield run, True
+            try:
+                yield run, True
+            except BaseException:
+                mlflow.end_run(status)  # a failed evaluation does not make training fail
+                raise
         return
     tags = {"trained_in_run": trained_in}
     with mlflow.start_run(experiment_id=experiment_id, tags=tags) as run:

@@ -236,6 +236,8 @@ def test_an_interrupted_evaluation_says_so_in_one_line(
         130,
         ["error: interrupted by SIGINT; no output was half-written: run it again"],
     )
+    run_id = json.loads(RUN_INFO.read_text())["run_id"]
+    assert store(workdir).get_run(run_id).info.status == "FINISHED"  # training did finish
 
 
 @pytest.mark.slow
