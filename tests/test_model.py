@@ -126,3 +126,12 @@ def test_the_default_network_is_the_labs_and_follows_the_handout() -> None:
     first = torch.relu(z @ model.decoder[0].weight.T + model.decoder[0].bias)
     logits = first @ model.decoder[2].weight.T + model.decoder[2].bias
     torch.testing.assert_close(model.decode(z), torch.sigmoid(logits))
+
+
+def test_missing_weights_name_the_file_and_the_command(tmp_path: Path) -> None:
+    from pipeline.files import StaleOutputError
+    from pipeline.model import load_vae
+
+    with pytest.raises(StaleOutputError) as missing:
+        load_vae(tmp_path / "vae.safetensors")
+    assert str(missing.value) == f"{tmp_path / 'vae.safetensors'}: not found; run `dvc repro train`"

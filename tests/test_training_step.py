@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import signal
 from types import SimpleNamespace
 
 import pytest
 import torch
 
 from pipeline import training
+from pipeline.errors import Interrupted, PipelineError, StopRequest
 from pipeline.model import VAE, loss_terms
 from pipeline.training import NonFiniteLoss, evaluate_loss, fit, make_optimizer, train_epoch
 
@@ -143,3 +145,35 @@ def test_the_optimizer_is_fused_adam_with_the_given_rate() -> None:
     optimizer = make_optimizer(VAE(hidden_dim=4, latent_dim=2), 0.05)
     assert isinstance(optimizer, torch.optim.Adam)
     assert optimizer.defaults["lr"] == 0.05 and optimizer.defaults["fused"] is True
+
+
+def test_fit_stops_before_the_next_batch_when_asked() -> None:
+    model, optimizer, images = tiny_setup()
+    stop = StopRequest()
+    stop(signal.SIGTERM, None)  # as the signal handler would
+    with pytest.raises(Interrupted) as stopped:
+        next(fit(model, optimizer, images, images, first_epoch=1, epochs=2, batch_size=16,
+                 binarize=False, stop=stop))  # fmt: skip
+    assert stopped.value.exit_code == 128 + signal.SIGTERM
+
+
+def test_the_device_is_cuda_only_when_asked_and_present(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert training.pick_device("auto") == torch.device("cuda")
+    assert training.pick_device("cpu") == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert training.pick_device("auto") == torch.device("cpu")
+    with pytest.raises(PipelineError) as refused:
+        training.pick_device("cuda")
+    assert str(refused.value) == (
+        "train.device = 'cuda' but no CUDA device is available; use auto or cpu"
+    )
+
+
+def test_flush_denormals_treats_subnormals_as_zero() -> None:
+    try:
+        training.flush_denormals()
+        assert (torch.full((4,), 1e-30) * 1e-10).count_nonzero() == 0  # 1e-40 is subnormal
+    finally:
+        torch.set_flush_denormal(False)
+    assert (torch.full((4,), 1e-30) * 1e-10).count_nonzero() == 4
