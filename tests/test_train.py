@@ -347,3 +347,22 @@ def test_a_checkpoint_whose_mlflow_run_is_gone_is_not_resumed(
     shutil.copy(mlflow_template, workdir / "mlflow.db")  # the store was replaced meanwhile
     assert run_train() == fresh
     assert "its MLflow run" in capsys.readouterr().out
+
+
+def test_git_dirty_ignores_the_files_dvc_rewrites(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from helpers import git_commit
+    from pipeline.tracking import git_tags
+
+    for name in ("dvc.lock", "metrics/train.json", "plots/history.csv", "pipeline/model.py"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("committed\n")
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+    git_commit(tmp_path, "a clean clone")
+    monkeypatch.chdir(tmp_path)
+    for name in ("dvc.lock", "metrics/train.json", "plots/history.csv"):
+        (tmp_path / name).write_text("rewritten by dvc repro\n")
+    assert git_tags()["git.dirty"] == "false"
+    (tmp_path / "pipeline/model.py").write_text("edited\n")
+    assert git_tags()["git.dirty"] == "true"
