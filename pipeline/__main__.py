@@ -20,7 +20,7 @@ from torchvision.utils import save_image
 
 from pipeline import registry, runtime, scoring, tracking
 from pipeline.config import load_params
-from pipeline.errors import PipelineError, reports_errors
+from pipeline.errors import PipelineError, first_line, reports_errors
 from pipeline.report import render
 
 
@@ -37,8 +37,7 @@ def load_model(uri: str) -> mlflow.pyfunc.PyFuncModel:
     try:
         return mlflow.pyfunc.load_model(uri)
     except (MlflowException, OSError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise PipelineError(f"cannot load model {uri} from {store}: {first}") from None
+        raise PipelineError(f"cannot load model {uri} from {store}: {first_line(exc)}") from None
 
 
 def generate(args: argparse.Namespace) -> None:

@@ -79,6 +79,12 @@ def stop_requests() -> Iterator[StopRequest]:
             signal.signal(sig, handler)
 
 
+def first_line(exc: BaseException) -> str:
+    """An exception's first line of text, or its type's name when it has none."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def explain(exc: BaseException) -> PipelineError | None:
     """The one-line PipelineError for an expected failure, or None for a bug."""
     if isinstance(exc, PipelineError):
@@ -86,13 +92,12 @@ def explain(exc: BaseException) -> PipelineError | None:
     if isinstance(exc, KeyboardInterrupt):
         return Interrupted(signal.SIGINT)
     text = str(exc)
-    first_line = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
     if isinstance(exc, MemoryError) or (
         isinstance(exc, RuntimeError)
         and ("can't allocate memory" in text or "out of memory" in text.lower())
     ):
         return PipelineError(
-            f"out of memory ({first_line[:160]}); lower the sizes in params.yaml "
+            f"out of memory ({first_line(exc)[:160]}); lower the sizes in params.yaml "
             f"({SIZE_PARAMS}) or free memory, then run it again"
         )
     full = [e for e in _chain(exc) if isinstance(e, OSError) and e.errno in _DISK_FULL]

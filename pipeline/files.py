@@ -16,7 +16,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, first_line
 
 METADATA_KEY = "pipeline"  # safetensors' metadata is a map of strings; ours is one JSON string
 
@@ -42,6 +42,14 @@ def atomic_path(path: Path | str) -> Iterator[Path]:
         raise
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def hash_file(path: Path | str, digest: Any) -> Any:
+    """Feed the file at `path` into the hashlib object `digest`, a megabyte at a time."""
+    with Path(path).open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest
 
 
 def write_json(path: Path | str, data: Any) -> None:
@@ -82,9 +90,8 @@ def read_tensors(
             tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118
             metadata = json.loads((f.metadata() or {})[METADATA_KEY])
     except (SafetensorError, OSError, KeyError, ValueError) as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise StaleOutputError(
-            f"{path}: not a safetensors file written by this pipeline ({reason}); "
+            f"{path}: not a safetensors file written by this pipeline ({first_line(exc)}); "
             f"run `{rebuild}` to write it again"
         ) from None
     return tensors, metadata

@@ -20,7 +20,8 @@ import torch
 
 from pipeline import tracking
 from pipeline.config import Params
-from pipeline.files import atomic_path
+from pipeline.errors import first_line
+from pipeline.files import atomic_path, hash_file
 from pipeline.model import VAE
 from pipeline.training import Epoch
 
@@ -39,10 +40,7 @@ def fingerprint(params: Params, data_file: Path) -> str:
         "binarize": params.data.binarize,
     }
     digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
-    with data_file.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return hash_file(data_file, digest).hexdigest()
 
 
 def rng_state() -> dict:
@@ -90,10 +88,9 @@ def load_checkpoint(path: Path, key: str) -> dict | None:
     except Exception as exc:  # damaged or hostile: never unpickled, kept aside for a look
         damaged = path.with_name(path.name + ".damaged")
         os.replace(path, damaged)
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         print(
-            f"warning: checkpoint {path} is unreadable ({reason[:120]}); moved it to {damaged} "
-            "and starting over",
+            f"warning: checkpoint {path} is unreadable ({first_line(exc)[:120]}); moved it to "
+            f"{damaged} and starting over",
             file=sys.stderr,
         )
         return None
@@ -108,7 +105,7 @@ def resume_or_start(path: Path, key: str, model: VAE, optimizer: torch.optim.Opt
     state = load_checkpoint(path, key)
     if state is None:
         return Resumed([], None)
-    if not tracking.run_exists(state["run_id"]):
+    if tracking.run_status(state["run_id"]) is None:
         print(f"ignoring checkpoint {path}: its MLflow run {state['run_id']} is not in the store")
         return Resumed([], None)
     model.load_state_dict(state["model"])

@@ -26,8 +26,8 @@ from mlflow.tracking import MlflowClient
 from pipeline import serving
 from pipeline.config import Params
 from pipeline.data import FILES as CANONICAL
-from pipeline.errors import Interrupted, PipelineError
-from pipeline.files import read_tensors, write_json
+from pipeline.errors import Interrupted, PipelineError, first_line
+from pipeline.files import hash_file, read_tensors, write_json
 from pipeline.model import VAE
 from pipeline.paths import TEST_SPLIT, TRAIN_SPLIT
 from pipeline.training import Epoch
@@ -106,8 +106,7 @@ def store_error(uri: str, exc: Exception) -> TrackingError:
             f"{path} is not an MLflow database; move it away (a new store is created on the next "
             "run) or set MLFLOW_TRACKING_URI to your store"
         )
-    first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
-    return TrackingError(f"the MLflow store {uri} cannot be used ({first[:200]})")
+    return TrackingError(f"the MLflow store {uri} cannot be used ({first_line(exc)[:200]})")
 
 
 # Files DVC rewrites as the pipeline runs: changing them does not make the code dirty.
@@ -181,12 +180,12 @@ def log_datasets(train_file: Path, test_file: Path) -> None:
         mlflow.log_input(dataset, context="training" if name == "mnist-train" else "testing")
 
 
-def run_exists(run_id: str) -> bool:
+def run_status(run_id: str) -> str | None:
+    """The run's status (FINISHED, KILLED, ...), or None when the store does not have it."""
     try:
-        MlflowClient().get_run(run_id)
+        return MlflowClient().get_run(run_id).info.status
     except MlflowException:
-        return False
-    return True
+        return None
 
 
 def logged_steps(run_id: str, key: str) -> set[int]:
@@ -296,8 +295,8 @@ def attached_run(experiment: str, run_info: Path) -> Iterator[tuple[mlflow.Activ
     (outputs restored from a DVC cache made elsewhere), a new run tagged with its id and False."""
     experiment_id = connect(experiment)
     trained_in = read_run_info(run_info)["run_id"]
-    if run_exists(trained_in):
-        status = MlflowClient().get_run(trained_in).info.status
+    status = run_status(trained_in)
+    if status is not None:
         with mlflow.start_run(run_id=trained_in) as run:
             try:
                 yield run, True
@@ -315,11 +314,7 @@ def attached_run(experiment: str, run_info: Path) -> Iterator[tuple[mlflow.Activ
 
 
 def file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()[:16]
+    return hash_file(path, hashlib.sha256()).hexdigest()[:16]
 
 
 def log_evaluation(metrics: dict, results: str, step: int) -> None:
