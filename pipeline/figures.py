@@ -1,4 +1,4 @@
-"""Pictures of digits and curves: the train stage's per-epoch grid and the sample stage's figures.
+"""The sample stage's figures: digits, curves and the latent space.
 
 Figures are matplotlib `Figure` objects made without pyplot: no backend, no display and no global
 figure list, so nothing needs closing and any thread or server can draw them.
@@ -7,37 +7,13 @@ figure list, so nothing needs closing and any thread or server can draw them.
 from __future__ import annotations
 
 import matplotlib
-import numpy as np
 import torch
 from matplotlib.figure import Figure
-from torchvision.utils import make_grid
 
 from pipeline.config import SampleConfig
 from pipeline.evaluation import posterior_means
+from pipeline.grids import digit_grid
 from pipeline.model import VAE
-
-
-def digit_grid(images: torch.Tensor, nrow: int, scale: int = 1) -> np.ndarray:
-    """(n, 784) images in [0, 1] -> one uint8 RGB picture (H, W, 3), `nrow` digits a row, each
-    pixel drawn as a `scale` x `scale` block (the MLflow UI shows images at their own size)."""
-    grid = make_grid(
-        images.detach().cpu().reshape(-1, 1, 28, 28), nrow=nrow, padding=2, pad_value=1.0
-    )
-    grid = grid.repeat_interleave(scale, dim=1).repeat_interleave(scale, dim=2)
-    return (grid.permute(1, 2, 0).clamp(0, 1) * 255).round().to(torch.uint8).numpy()
-
-
-@torch.no_grad()
-def training_pictures(model: VAE, fixed_z: torch.Tensor, fixed_x: torch.Tensor) -> dict:
-    """What the MLflow run shows at each step: digits decoded from the same latent vectors, and
-    the same test digits (top row) over their reconstructions, three times their size."""
-    model.eval()
-    mu, _ = model.encode(fixed_x)
-    pairs = torch.cat([fixed_x, model.decode(mu)])
-    return {
-        "generated": digit_grid(model.decode(fixed_z), nrow=8, scale=3),
-        "reconstructions": digit_grid(pairs, nrow=len(fixed_x), scale=3),
-    }
 
 
 def loss_curves(history: list[dict]) -> Figure:
@@ -64,7 +40,7 @@ def loss_curves(history: list[dict]) -> Figure:
 def titled_grid(
     images: torch.Tensor, nrow: int, title: str, row_labels: list[str] | None = None
 ) -> Figure:
-    """A digit grid (torchvision's make_grid) in a figure with a title and optional row labels."""
+    """A digit grid in a figure with a title and optional row labels."""
     picture = digit_grid(images, nrow)
     rows = -(-len(images) // nrow)
     width = max(4.0, nrow * 0.45 + 1.5)

@@ -6,6 +6,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 from PIL import Image
+from torchvision.utils import make_grid
 
 from helpers import FIGURE_NAMES
 from pipeline.config import load_params
@@ -17,6 +18,7 @@ from pipeline.evaluation import (
     posterior_means,
 )
 from pipeline.figures import draw_all
+from pipeline.grids import digit_grid
 from pipeline.model import VAE, loss_terms, reconstruction_loss
 from pipeline.paths import EVAL_BREAKDOWN, EVAL_METRICS, FIGURES, RUN_INFO
 from pipeline.stages import train as train_stage
@@ -275,6 +277,18 @@ def test_sample_writes_every_figure_as_a_png_and_logs_it(workdir: Path) -> None:
     assert set(names) == FIGURE_NAMES
     logged = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}").list_artifacts(run_id, "figures")
     assert {a.path for a in logged} >= {f"figures/{name}.png" for name in names}
+
+
+@pytest.mark.parametrize(
+    ("count", "nrow", "scale"), [(64, 8, 1), (16, 8, 3), (10, 4, 2), (3, 8, 1)]
+)
+def test_digit_grids_match_torchvisions_make_grid(count: int, nrow: int, scale: int) -> None:
+    images = torch.rand(count, 784, generator=torch.Generator().manual_seed(count))
+    expected = make_grid(images.view(-1, 1, 28, 28), nrow=nrow, padding=2, pad_value=1.0)
+    expected = expected.repeat_interleave(scale, dim=1).repeat_interleave(scale, dim=2)
+    expected = (expected.permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
+    grid = digit_grid(images, nrow, scale)
+    assert grid.shape == expected.shape and (grid == expected).all()
 
 
 def test_every_figure_has_a_title_and_the_latent_plot_shows_ten_classes(workdir: Path) -> None:

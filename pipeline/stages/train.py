@@ -11,8 +11,8 @@ from pipeline import runtime, tracking
 from pipeline.config import Params, load_params
 from pipeline.data import binarize_once, load_split
 from pipeline.errors import Interrupted, reports_errors, stop_requests
-from pipeline.figures import training_pictures
 from pipeline.files import atomic_path, write_json
+from pipeline.grids import training_pictures
 from pipeline.model import VAE, save_vae
 from pipeline.paths import (
     CHECKPOINT,
