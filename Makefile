@@ -5,7 +5,7 @@ INSTALLED := $(VENV)/.installed
 # Stage commands in dvc.yaml call `python`: make it the virtual environment's.
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: venv repro test test-fast lint format bench mutants promote report clean
+.PHONY: venv repro test test-fast lint format bench mutants promote report stack clean
 
 venv: $(INSTALLED)
 
@@ -48,6 +48,10 @@ promote: $(INSTALLED)
 REV ?= HEAD
 report: $(INSTALLED)
 	python -m pipeline report --rev $(REV) --check
+
+# PostgreSQL, SeaweedFS (S3) and an MLflow server on 127.0.0.1, state in .stack/; Ctrl-C stops them.
+stack: $(INSTALLED)
+	python -m pipeline stack
 
 clean:
 	rm -rf checkpoints mutants .pytest_cache .ruff_cache

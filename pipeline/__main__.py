@@ -4,6 +4,7 @@ promote   move @champion to the candidate (or --version N) when it is better
 generate  draw new digits with any MLflow model URI (models:/mnist-vae@champion, runs:/...)
 score     score a folder of PNGs or a .npy file: negative ELBO and latent means per image, as CSV
 report    Markdown: params and metrics against a git revision, the lab's curve, the registry
+stack     run PostgreSQL, an S3 store and an MLflow server on 127.0.0.1 until Ctrl-C
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from torchvision.utils import save_image
 
-from pipeline import registry, runtime, scoring, tracking
+from pipeline import registry, runtime, scoring, stack, tracking
 from pipeline.config import load_params
 from pipeline.errors import PipelineError, first_line, reports_errors
 from pipeline.report import render
@@ -65,6 +66,10 @@ def report(args: argparse.Namespace) -> None:
         raise PipelineError("the training loss is outside the lab's tolerance (see the report)")
 
 
+def serve_stack(args: argparse.Namespace) -> None:
+    stack.serve(args.root, args.mlflow_port, args.s3_port, args.postgres_port)
+
+
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__.splitlines()[0])
     commands = root.add_subparsers(dest="command", required=True)
@@ -91,6 +96,12 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--rev", default="HEAD", help="the git revision to compare with (HEAD, main)")
     r.add_argument("--check", action="store_true", help="exit 1 if the lab's curve does not hold")
     r.set_defaults(run=report)
+    t = commands.add_parser("stack", help="a team's stack on 127.0.0.1, until Ctrl-C")
+    t.add_argument("--root", type=Path, default=Path(".stack"), help="its data, keys and logs")
+    t.add_argument("--mlflow-port", type=int, default=5000)
+    t.add_argument("--s3-port", type=int, default=8333)
+    t.add_argument("--postgres-port", type=int, default=5433)
+    t.set_defaults(run=serve_stack)
     return root
 
 
