@@ -25,10 +25,12 @@ def _check(
     at_least: float | None = None,
     above: float | None = None,
     at_most: float | None = None,
+    below: float | None = None,
     why: str = "",
 ):
     """A numeric field's bounds, kept in the field's metadata; `why` explains the upper one."""
-    return field(metadata={"at_least": at_least, "above": above, "at_most": at_most, "why": why})
+    bounds = {"at_least": at_least, "above": above, "at_most": at_most, "below": below}
+    return field(metadata=bounds | {"why": why})
 
 
 # Upper bounds on sizes: every value below them runs through every stage (a test runs each
@@ -42,12 +44,16 @@ class DataConfig:
     local_dir: str  # a folder `auto` tries last; "" to skip
     binarize: Literal["none", "dynamic"]
     binarize_seed: int = _check(at_least=0)
+    holdout: int = _check(at_least=0)  # the last N training images are not trained on
 
 
 @dataclass(frozen=True)
 class ModelConfig:
     hidden_dim: int = _check(at_least=1, at_most=4096, why="25 MB of weights for 784 pixels")
     latent_dim: int = _check(at_least=1, at_most=256, why="more units than MNIST can use")
+    hidden_layers: int = _check(at_least=1, at_most=3, why="the IWAE paper's nets have 2")
+    activation: Literal["relu", "tanh"]
+    output_bias: Literal["default", "data_mean"]  # data_mean: logit of the mean training pixel
 
 
 @dataclass(frozen=True)
@@ -55,6 +61,11 @@ class TrainConfig:
     epochs: int = _check(at_least=1, at_most=10_000, why="the IWAE paper trains 3,280")
     batch_size: int = _check(at_least=1, at_most=TRAIN_IMAGES, why="the training set")
     lr: float = _check(above=0)
+    schedule: Literal["constant", "burda"]
+    adam_beta1: float = _check(at_least=0, below=1)
+    adam_beta2: float = _check(at_least=0, below=1)
+    adam_eps: float = _check(above=0)
+    adam_v0: float = _check(at_least=0)  # the second moment's start: 0 in Adam, 1 in Burda's code
     seed: int = _check(at_least=0)
     device: Literal["auto", "cpu", "cuda"]
 
@@ -211,10 +222,13 @@ def _check_name(value: str, key: str, refused: str) -> None:
 
 def _check_range(value: float, key: str, limits: Any) -> None:
     at_least, above, at_most = limits.get("at_least"), limits.get("above"), limits.get("at_most")
+    below = limits.get("below")
     if at_least is not None and value < at_least:
         raise ConfigError(f"{key} = {value!r} is out of range; must be >= {at_least}")
     if above is not None and value <= above:
         raise ConfigError(f"{key} = {value!r} is out of range; must be > {above}")
+    if below is not None and value >= below:
+        raise ConfigError(f"{key} = {value!r} is out of range; must be < {below}")
     if at_most is not None and value > at_most:
         raise ConfigError(
             f"{key} = {value!r} is out of range; must be <= {at_most} ({limits['why']})"

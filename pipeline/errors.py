@@ -18,8 +18,8 @@ from typing import TypeVar
 F = TypeVar("F", bound=Callable[..., object])
 
 SIZE_PARAMS = (
-    "model.hidden_dim, train.batch_size, evaluate.batch_size, evaluate.iwae_samples, "
-    "sample.n_samples"
+    "model.hidden_dim, model.hidden_layers, train.batch_size, evaluate.batch_size, "
+    "evaluate.iwae_samples, sample.n_samples"
 )
 
 

@@ -12,7 +12,10 @@ from pipeline.model import VAE, kl_per_dimension, loss_terms, reconstruction_los
 
 # The headline numbers in metrics/evaluate.json; registry.metric must name one of them. (The
 # ELBO, also returned, is minus the test loss.)
-SCALAR_METRICS = ("test_loss", "test_recon", "test_kl", "log_px_iwae", "active_units")
+# log_px_iwae_se: the standard error of the mean log p(x) over the test images.
+SCALAR_METRICS = (
+    "test_loss", "test_recon", "test_kl", "log_px_iwae", "log_px_iwae_se", "active_units",
+)  # fmt: skip
 ROWS_PER_CHUNK = 32768  # decoder rows (samples x images) per pass: ~100 MB of logits
 
 
@@ -89,12 +92,15 @@ def evaluate(
     mu, logvar = posterior_means(model, images, batch_size)
     n_active, activity = active_units(mu, threshold)
     kl_dims = kl_per_dimension(mu, logvar).mean(dim=0)
+    # How far the mean log p(x) would move with another test set of the same size.
+    log_px_se = log_px.std().item() / math.sqrt(len(log_px)) if len(log_px) > 1 else 0.0
     return {
         "test_loss": loss.mean().item(),
         "test_recon": recon.mean().item(),
         "test_kl": kl.mean().item(),
         "elbo": -loss.mean().item(),
         "log_px_iwae": log_px.mean().item(),
+        "log_px_iwae_se": log_px_se,
         "iwae_samples": k,
         "active_units": n_active,
         "latent_dim": mu.shape[1],

@@ -4,6 +4,9 @@ encoder:  x -> Dense(hidden, relu) -> Dense(latent) = mu, Dense(latent) = log-va
 sample:   z = mu + exp(0.5 * logvar) * eps,  eps ~ N(0, I)      (the reparameterisation trick)
 decoder:  z -> Dense(hidden, relu) -> Dense(784, sigmoid)
 loss:     reconstruction (BCE summed over the 784 pixels) + KL(q(z|x) || N(0, I)), per image
+
+The number of hidden layers and their activation are parameters (Burda et al.'s network: two
+layers of 200, tanh); the defaults are the handout's one layer, relu.
 """
 
 from __future__ import annotations
@@ -15,19 +18,32 @@ from torch import nn
 from pipeline.files import read_tensors, write_tensors
 
 IMAGE_DIM = 28 * 28
+ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh}
 
 
 class VAE(nn.Module):
-    def __init__(self, hidden_dim: int = 400, latent_dim: int = 20) -> None:
+    def __init__(
+        self,
+        hidden_dim: int = 400,
+        latent_dim: int = 20,
+        hidden_layers: int = 1,
+        activation: str = "relu",
+    ) -> None:
         super().__init__()
         self.hidden_dim, self.latent_dim = hidden_dim, latent_dim
-        self.encoder = nn.Sequential(nn.Linear(IMAGE_DIM, hidden_dim), nn.ReLU())
+        self.hidden_layers, self.activation = hidden_layers, activation
+
+        def hidden(inputs: int) -> list[nn.Module]:  # hidden_layers x Dense(hidden, activation)
+            layers = []
+            for width_in in [inputs] + [hidden_dim] * (hidden_layers - 1):
+                layers += [nn.Linear(width_in, hidden_dim), ACTIVATIONS[activation]()]
+            return layers
+
+        self.encoder = nn.Sequential(*hidden(IMAGE_DIM))
         self.to_mu = nn.Linear(hidden_dim, latent_dim)
         self.to_logvar = nn.Linear(hidden_dim, latent_dim)
         # The decoder ends in logits; the sigmoid is applied in the loss (stably) or in `decode`.
-        self.decoder = nn.Sequential(
-            nn.Linear(latent_dim, hidden_dim), nn.ReLU(), nn.Linear(hidden_dim, IMAGE_DIM)
-        )
+        self.decoder = nn.Sequential(*hidden(latent_dim), nn.Linear(hidden_dim, IMAGE_DIM))
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         h = self.encoder(x)
@@ -75,14 +91,24 @@ def loss_terms(
     return reconstruction_loss(logits, x), kl_divergence(mu, logvar)
 
 
+def init_output_bias(model: VAE, pixel_means: torch.Tensor) -> None:
+    """Start the decoder's output at the mean training image: bias = logit(mean pixel), the mean
+    clipped to [0.001, 0.999] as in Burda et al.'s code."""
+    with torch.no_grad():
+        model.decoder[-1].bias.copy_(torch.logit(pixel_means.clamp(0.001, 0.999)))
+
+
 def save_vae(model: VAE, path) -> None:
     """The weights plus the sizes that rebuild the network, in safetensors."""
     sizes = {"hidden_dim": model.hidden_dim, "latent_dim": model.latent_dim}
+    sizes |= {"hidden_layers": model.hidden_layers, "activation": model.activation}
     write_tensors(path, model.state_dict(), sizes)
 
 
 def load_vae(path, device: str | torch.device = "cpu") -> VAE:
     state, sizes = read_tensors(path, "dvc repro train", device)
-    model = VAE(sizes["hidden_dim"], sizes["latent_dim"]).to(device)
+    # Files written before the network had these parameters hold the handout's one relu layer.
+    shape = {"hidden_layers": 1, "activation": "relu"} | sizes
+    model = VAE(**shape).to(device)
     model.load_state_dict(state)
     return model.eval()

@@ -18,9 +18,12 @@ from mlflow.tracking import MlflowClient
 
 from pipeline import registry, tracking
 from pipeline.config import Params
-from pipeline.paths import FIGURES, TRAIN_HISTORY
+from pipeline.paths import EVAL_METRICS, FIGURES, TRAIN_HISTORY, TRAIN_METRICS
 
 LAB = json.loads((Path(__file__).parent / "lab_curve.json").read_text())
+# Burda, Grosse and Salakhutdinov, "Importance Weighted Autoencoders" (ICLR 2016), Table 1:
+# MNIST, one stochastic layer, VAE trained with k = 1. Done when within 1.0 nat (goal: 0.5).
+PAPER = {"nll": 86.76, "active_units": 19, "epochs": 3280, "tolerance": 1.0}
 
 
 def dvc_table(*args: str) -> str:
@@ -59,6 +62,29 @@ def lab_curve_section(history_file: Path = TRAIN_HISTORY) -> tuple[str, bool]:
     return "\n".join(lines), passed
 
 
+def paper_section() -> tuple[str, bool]:
+    """The paper's row beside this run's (`make paper`), and whether it reproduces it."""
+    if not (EVAL_METRICS.is_file() and TRAIN_METRICS.is_file()):
+        return f"No `{EVAL_METRICS}`: run `make paper` first.", False
+    evaluated = json.loads(EVAL_METRICS.read_text())
+    epochs = json.loads(TRAIN_METRICS.read_text())["epochs"]
+    nll, se = -evaluated["log_px_iwae"], evaluated["log_px_iwae_se"]
+    full = epochs == PAPER["epochs"]
+    passed = full and abs(nll - PAPER["nll"]) <= PAPER["tolerance"]
+    lines = [
+        "| | test NLL (IWAE) | active units | epochs |",
+        "| --- | --- | --- | --- |",
+        f"| Burda et al. (2016), Table 1 | {PAPER['nll']:.2f} | {PAPER['active_units']} | "
+        f"{PAPER['epochs']} |",
+        f"| this run | {nll:.2f} ± {se:.2f} | {evaluated['active_units']} | {epochs} |",
+        f"\nReproduced (full protocol, within {PAPER['tolerance']} nat): **"
+        + ("YES" if passed else "NO")
+        + "**"
+        + ("" if full else f" ({epochs} of {PAPER['epochs']} epochs: not the paper's row)"),
+    ]
+    return "\n".join(lines), passed
+
+
 def registry_section(params: Params) -> str:
     uri = tracking.tracking_uri()
     if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
@@ -93,14 +119,19 @@ def registry_section(params: Params) -> str:
 
 
 def render(params: Params, rev: str) -> tuple[str, bool]:
-    """The report, and whether the lab's curve holds."""
-    curve, passed = lab_curve_section()
+    """The report, and whether the lab's curve (or, for `make paper`, the paper's row) holds."""
+    if params.train.schedule == "burda":
+        table, passed = paper_section()
+        result = f"## Burda et al.'s result beside this run's\n\n{table}"
+    else:
+        curve, passed = lab_curve_section()
+        result = f"## The lab's training loss beside this run's\n\n{curve}"
     figures = sorted(FIGURES.glob("*.png"))
     sections = [
         f"# MNIST VAE: the workspace against `{rev}`",
         f"## Params that changed\n\n{dvc_table('params', 'diff', rev)}",
         f"## Metrics that changed\n\n{dvc_table('metrics', 'diff', rev, '--precision', '4')}",
-        f"## The lab's training loss beside this run's\n\n{curve}",
+        result,
         f"## Registry: @candidate against @champion\n\n{registry_section(params)}",
         "## Figures\n\n"
         + ("\n".join(f"- `{path}`" for path in figures) or "None yet: run `make repro`.")

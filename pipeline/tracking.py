@@ -146,7 +146,8 @@ def run_name(params: Params) -> str:
     if os.environ.get("DVC_EXP_NAME"):
         return os.environ["DVC_EXP_NAME"]
     model, train = params.model, params.train
-    name = f"h{model.hidden_dim}-z{model.latent_dim}-e{train.epochs}"
+    layers = f"x{model.hidden_layers}" if model.hidden_layers > 1 else ""
+    name = f"h{model.hidden_dim}{layers}-z{model.latent_dim}-e{train.epochs}"
     return name + ("-dyn" if params.data.binarize == "dynamic" else "")
 
 
@@ -154,10 +155,12 @@ def describe_training(params: Params) -> str:
     """The run's description (MLflow's note): what was trained, in a sentence."""
     m, t = params.model, params.train
     pixels = "dynamically binarised" if params.data.binarize == "dynamic" else "grey-level"
+    hidden = "-".join([str(m.hidden_dim)] * m.hidden_layers)
+    schedule = "Burda et al.'s staged schedule from" if t.schedule == "burda" else "constant"
     return (
-        f"VAE on MNIST ({pixels} pixels): encoder 784-{m.hidden_dim}-{m.latent_dim}, decoder "
-        f"{m.latent_dim}-{m.hidden_dim}-784; {t.epochs} epochs, batch {t.batch_size}, "
-        f"Adam lr {t.lr}, seed {t.seed}."
+        f"VAE on MNIST ({pixels} pixels): encoder 784-{hidden}-{m.latent_dim}, decoder "
+        f"{m.latent_dim}-{hidden}-784 ({m.activation}); {t.epochs} epochs, batch "
+        f"{t.batch_size}, Adam lr {schedule} {t.lr}, seed {t.seed}."
     )
 
 
@@ -237,6 +240,7 @@ def log_epoch(row: Epoch, pictures: dict[str, np.ndarray] | None) -> None:
         for term in ("loss", "recon", "kl")
     }
     metrics["train/epoch_seconds"] = row.seconds
+    metrics["train/lr"] = row.lr
     mlflow.log_metrics(metrics, step=row.epoch)
 
 
@@ -321,7 +325,8 @@ def log_evaluation(metrics: dict, results: str, step: int) -> None:
     """Evaluate's part of the run: two test-set results at the last epoch's step, beside the
     test curves (whose last step already holds the test loss and its terms), the breakdowns as
     tables and the results in the description."""
-    results_now = {f"test/{key}": metrics[key] for key in ("log_px_iwae", "active_units")}
+    reported = ("log_px_iwae", "log_px_iwae_se", "active_units")
+    results_now = {f"test/{key}": metrics[key] for key in reported}
     mlflow.log_metrics(results_now, step=step)
     units = range(len(metrics["kl_per_dim"]))
     with warnings.catch_warnings():  # pandas 3 deprecation raised inside MLflow's log_table

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, fields
 
 import torch
@@ -34,6 +34,7 @@ class Epoch:
     test_recon: float
     test_kl: float
     seconds: float
+    lr: float
 
     def line(self, epochs: int) -> str:
         """The handout's line, then the terms it did not print."""
@@ -45,8 +46,8 @@ class Epoch:
 
 
 # The columns of plots/train_history.csv: results only. Seconds differ on every run, so they go to
-# MLflow, not into a file that git tracks.
-HISTORY_FIELDS = tuple(f.name for f in fields(Epoch) if f.name != "seconds")
+# MLflow, not into a file that git tracks; so does the learning rate, which params.yaml sets.
+HISTORY_FIELDS = tuple(f.name for f in fields(Epoch) if f.name not in ("seconds", "lr"))
 
 
 def pick_device(name: str) -> torch.device:
@@ -70,10 +71,51 @@ def flush_denormals() -> None:
     torch.set_flush_denormal(True)
 
 
-def make_optimizer(model: VAE, lr: float) -> torch.optim.Optimizer:
+def make_optimizer(
+    model: VAE,
+    lr: float,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    v0: float = 0.0,
+) -> torch.optim.Optimizer:
     """Adam, as the lab; fused: one kernel per step instead of a Python loop over parameters
-    (0.7 s of a 2 s epoch on 2 CPU cores)."""
-    return torch.optim.Adam(model.parameters(), lr=lr, fused=True)
+    (0.7 s of a 2 s epoch on 2 CPU cores).
+
+    `v0` is where the second-moment estimate starts: 0 in Adam, 1 in Burda et al.'s code, which
+    keeps the first steps small. Adam only fills a parameter's state when it has none, so a
+    state given here is the one it uses.
+    """
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr, betas=betas, eps=eps, fused=True)
+    if v0:
+        for p in model.parameters():
+            optimizer.state[p] = {
+                "step": torch.zeros((), device=p.device),
+                "exp_avg": torch.zeros_like(p),
+                "exp_avg_sq": torch.full_like(p, v0),
+            }
+    return optimizer
+
+
+BURDA_STAGES = 8
+
+
+def learning_rate(schedule: str, lr: float, epoch: int) -> float:
+    """The learning rate of `epoch` (1-based). constant: `lr`. burda: Burda et al.'s stage i
+    (0..7) runs 3^i epochs at lr * 10^(-i/7), rounded as their code rounds it (lr = 1e-3: 1e-3,
+    7.2e-4, 5.2e-4, 3.7e-4, 2.7e-4, 1.9e-4, 1.4e-4, 1e-4); epochs after the 3,280th stay at
+    stage 7's rate."""
+    if schedule == "constant":
+        return lr
+    return lr * round(10 ** (1 - schedule_stage(epoch) / 7), 1) / 10
+
+
+def schedule_stage(epoch: int) -> int:
+    """The stage (0..7) of Burda et al.'s schedule that `epoch` (1-based) belongs to."""
+    stage, last_epoch = 0, 1
+    while epoch > last_epoch and stage < BURDA_STAGES - 1:
+        stage += 1
+        last_epoch += 3**stage
+    return stage
 
 
 def train_epoch(
@@ -148,9 +190,14 @@ def fit(
     batch_size: int,
     binarize: bool,
     stop: StopRequest | None = None,
+    lr_at: Callable[[int], float] | None = None,
 ) -> Iterator[Epoch]:
-    """Train epochs `first_epoch`..`epochs`, yielding each one's history row as it ends."""
+    """Train epochs `first_epoch`..`epochs`, yielding each one's history row as it ends;
+    `lr_at(epoch)`, when given, sets the learning rate of each epoch."""
     for epoch in range(first_epoch, epochs + 1):
+        if lr_at is not None:
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(epoch)
         start = time.perf_counter()
         train_recon, train_kl = train_epoch(
             model, optimizer, train_images, batch_size, binarize, epoch, epochs, stop
@@ -166,4 +213,5 @@ def fit(
             test_recon,
             test_kl,
             seconds,
+            optimizer.param_groups[0]["lr"],
         )

@@ -141,8 +141,9 @@ def test_evaluate_is_repeatable_and_counts_active_units_with_its_threshold() -> 
     halved = evaluate(model, images, labels, k=5, batch_size=16, threshold=middle, seed=0)
     assert halved["active_units"] == 2 and first["active_units"] == 4
     assert list(first) == [
-        "test_loss", "test_recon", "test_kl", "elbo", "log_px_iwae", "iwae_samples",
-        "active_units", "latent_dim", "kl_per_dim", "activity_per_dim", "loss_per_class",
+        "test_loss", "test_recon", "test_kl", "elbo", "log_px_iwae", "log_px_iwae_se",
+        "iwae_samples", "active_units", "latent_dim", "kl_per_dim", "activity_per_dim",
+        "loss_per_class",
     ]  # fmt: skip
     assert first["elbo"] == -first["test_loss"] < first["log_px_iwae"] < 0
     assert (first["iwae_samples"], first["latent_dim"]) == (5, 4)
@@ -210,7 +211,7 @@ def test_evaluate_logs_to_the_run_that_trained_the_model(workdir: Path) -> None:
     metrics = run_evaluation(load_params())
     headline = json.loads(EVAL_METRICS.read_text())
     assert list(headline) == ["test_loss", "test_recon", "test_kl", "log_px_iwae",
-                              "active_units"]  # fmt: skip
+                              "log_px_iwae_se", "active_units"]  # fmt: skip
     assert all(headline[key] == metrics[key] for key in headline)
     breakdown = json.loads(EVAL_BREAKDOWN.read_text())
     assert breakdown == {key: metrics[key] for key in ("kl_per_dim", "activity_per_dim",

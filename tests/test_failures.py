@@ -88,7 +88,8 @@ def test_ctrl_c_and_sigterm_become_one_line_with_the_shells_exit_code(capsys) ->
 def test_running_out_of_memory_names_the_size_params(failure: BaseException) -> None:
     message = str(explain(failure))
     assert message.startswith("out of memory (")
-    assert "model.hidden_dim, train.batch_size" in message and "sample.n_samples" in message
+    assert "model.hidden_dim, model.hidden_layers, train.batch_size" in message
+    assert "sample.n_samples" in message
 
 
 def test_a_bug_keeps_its_traceback() -> None:
@@ -295,7 +296,7 @@ def test_running_out_of_memory_in_a_real_process_is_one_line(workdir: Path, set_
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
     assert len(lines) == 1 and lines[0].startswith("error: out of memory (")
-    assert "lower the sizes in params.yaml (model.hidden_dim, train.batch_size" in lines[0]
+    assert "lower the sizes in params.yaml (model.hidden_dim, model.hidden_layers" in lines[0]
     assert (workdir / "models" / "mlflow_run.json").read_bytes() == before
     assert not (workdir / "metrics" / "evaluate.json").exists()
 

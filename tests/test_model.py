@@ -1,4 +1,5 @@
 import importlib
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -6,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from pipeline import runtime
 from pipeline.model import VAE, kl_divergence, loss_terms, reconstruction_loss, reparameterize
@@ -135,3 +137,42 @@ def test_missing_weights_name_the_file_and_the_command(tmp_path: Path) -> None:
     with pytest.raises(StaleOutputError) as missing:
         load_vae(tmp_path / "vae.safetensors")
     assert str(missing.value) == f"{tmp_path / 'vae.safetensors'}: not found; run `dvc repro train`"
+
+
+def test_burdas_network_has_two_tanh_layers_each_way_and_round_trips(tmp_path: Path) -> None:
+    from pipeline.model import load_vae, save_vae
+
+    model = VAE(hidden_dim=200, latent_dim=50, hidden_layers=2, activation="tanh")
+    linear = [(m.in_features, m.out_features) for m in model.modules() if isinstance(m, nn.Linear)]
+    assert linear == [(784, 200), (200, 200), (200, 50), (200, 50), (50, 200), (200, 200),
+                      (200, 784)]  # fmt: skip
+    assert [type(m) for m in model.encoder[1::2]] == [nn.Tanh, nn.Tanh]
+    save_vae(model, tmp_path / "vae.safetensors")
+    loaded = load_vae(tmp_path / "vae.safetensors")
+    assert (loaded.hidden_layers, loaded.activation) == (2, "tanh")
+    z = torch.randn(3, 50)
+    assert torch.equal(loaded.decode(z), model.eval().decode(z))
+
+
+def test_weights_saved_before_layers_were_a_param_load_as_the_labs_network(tmp_path: Path) -> None:
+    from pipeline.files import write_tensors
+    from pipeline.model import load_vae
+
+    model = VAE(hidden_dim=8, latent_dim=2)
+    write_tensors(tmp_path / "old.safetensors", model.state_dict(), {"hidden_dim": 8,
+                                                                     "latent_dim": 2})  # fmt: skip
+    loaded = load_vae(tmp_path / "old.safetensors")
+    assert (loaded.hidden_layers, loaded.activation) == (1, "relu")
+    assert isinstance(loaded.encoder[1], nn.ReLU)
+
+
+def test_the_output_bias_starts_at_the_logit_of_the_clipped_mean_pixel() -> None:
+    from pipeline.model import init_output_bias
+
+    model = VAE(hidden_dim=8, latent_dim=2)
+    means = torch.linspace(0, 1, 784)
+    init_output_bias(model, means)
+    bias = model.decoder[-1].bias
+    assert bias[0].item() == pytest.approx(math.log(0.001 / 0.999), rel=1e-4)  # clipped at 0.001
+    assert bias[-1].item() == pytest.approx(math.log(0.999 / 0.001), rel=1e-4)
+    assert torch.allclose(torch.sigmoid(bias[100:-100]), means[100:-100], atol=1e-6)

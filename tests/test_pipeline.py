@@ -89,7 +89,7 @@ def test_evaluation_metrics_are_all_there(reproduced: tuple[Path, str]) -> None:
     repo, _ = reproduced
     metrics = json.loads((repo / EVAL_METRICS).read_text())
     assert list(metrics) == [
-        "test_loss", "test_recon", "test_kl", "log_px_iwae", "active_units",
+        "test_loss", "test_recon", "test_kl", "log_px_iwae", "log_px_iwae_se", "active_units",
     ]  # fmt: skip
     breakdown = json.loads((repo / "reports/evaluate_breakdown.json").read_text())
     assert len(breakdown["kl_per_dim"]) == 20 and len(breakdown["activity_per_dim"]) == 20

@@ -61,3 +61,25 @@ def test_without_a_store_the_report_says_what_to_run(workdir: Path) -> None:
     assert "No MLflow store here: run `make repro`" in text
     assert not (workdir / "mlflow.db").exists()  # looking did not create one
     assert "No `plots/train_history.csv`: run `make repro` first." in text and not passed
+
+
+@pytest.mark.parametrize(
+    ("epochs", "log_px", "verdict"),
+    [(3280, -87.5, "YES"), (3280, -87.9, "NO"), (121, -86.8, "NO")],
+)
+def test_the_paper_section_puts_the_papers_row_beside_this_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, epochs: int, log_px: float, verdict: str
+) -> None:
+    import json
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "metrics").mkdir()
+    (tmp_path / "metrics/train.json").write_text(json.dumps({"epochs": epochs}))
+    evaluated = {"log_px_iwae": log_px, "log_px_iwae_se": 0.25, "active_units": 20}
+    (tmp_path / "metrics/evaluate.json").write_text(json.dumps(evaluated))
+    text, passed = report.paper_section()
+    assert passed == (verdict == "YES")
+    assert "| Burda et al. (2016), Table 1 | 86.76 | 19 | 3280 |" in text
+    assert f"| this run | {-log_px:.2f} ± 0.25 | 20 | {epochs} |" in text
+    assert f"**{verdict}**" in text
+    assert ("not the paper's row" in text) == (epochs != 3280)

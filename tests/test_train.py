@@ -39,6 +39,7 @@ METRICS = (
     "test/recon",
     "test/kl",
     "train/epoch_seconds",
+    "train/lr",
 )
 
 
@@ -81,7 +82,7 @@ def test_a_run_logs_every_epoch_the_grids_and_a_model_that_loads_back(
     # Runs people can tell apart: a name, a description, the data, the machine's load.
     assert run.info.run_name == "h32-z4-e3"
     assert run.data.tags["mlflow.note.content"].startswith(
-        "VAE on MNIST (grey-level pixels): encoder 784-32-4, decoder 4-32-784; 3 epochs"
+        "VAE on MNIST (grey-level pixels): encoder 784-32-4, decoder 4-32-784 (relu); 3 epochs"
     )
     inputs = {d.dataset.name: d for d in run.inputs.dataset_inputs}
     assert sorted(inputs) == ["mnist-test", "mnist-train"]
@@ -222,6 +223,41 @@ def test_training_consumes_the_pixels_data_binarize_asks_for(
             assert set(epoch.unique().tolist()) == {0.0, 1.0}
             assert abs(epoch.mean().item() - grey.mean().item()) < 0.01
         assert epochs[0].sum() != epochs[1].sum()
+
+
+def test_burdas_protocol_trains_its_network_on_the_first_images_with_its_schedule(
+    workdir: Path, monkeypatch: pytest.MonkeyPatch, set_params, capsys: pytest.CaptureFixture
+) -> None:
+    set_params(
+        workdir,
+        data={"binarize": "dynamic", "holdout": 56},
+        model={"hidden_layers": 2, "activation": "tanh", "output_bias": "data_mean"},
+        train={"epochs": 5, "batch_size": 4, "schedule": "burda", "adam_beta1": 0.99,
+               "adam_eps": 1e-4, "adam_v0": 1.0},
+    )  # fmt: skip
+    trained_on = []
+    train_epoch = training.train_epoch
+
+    def spy(model, optimizer, images, *args, **kwargs):
+        trained_on.append(images.clone())
+        return train_epoch(model, optimizer, images, *args, **kwargs)
+
+    monkeypatch.setattr(training, "train_epoch", spy)
+    run_train()
+    grey, _ = load_split(TRAIN_SPLIT)
+    assert all(torch.equal(images, grey[:200]) for images in trained_on)  # 256 - 56 held out
+    run_id = json.loads(RUN_INFO.read_text())["run_id"]
+    rates = [m.value for m in client().get_metric_history(run_id, "train/lr")]
+    assert rates == pytest.approx([1e-3, 7.2e-4, 7.2e-4, 7.2e-4, 5.2e-4])  # stages 0, 1, 2
+    model = load_vae(WEIGHTS)
+    assert (model.hidden_layers, model.activation) == (2, "tanh")
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[3].startswith("Epoch [4/5]") and lines[3].endswith(" left")  # with the time left
+    assert lines[4].startswith("Epoch [5/5]") and lines[4].endswith("lr 0.00052")
+
+    set_params(workdir, data={"holdout": 256})
+    with pytest.raises(PipelineError, match="data.holdout = 256 leaves no image to train on"):
+        run_train()
 
 
 def test_a_nan_loss_stops_with_epoch_and_batch_and_keeps_the_last_checkpoint(

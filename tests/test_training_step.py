@@ -177,3 +177,46 @@ def test_flush_denormals_treats_subnormals_as_zero() -> None:
     finally:
         torch.set_flush_denormal(False)
     assert (torch.full((4,), 1e-30) * 1e-10).count_nonzero() == 4
+
+
+def test_burdas_schedule_has_eight_stages_of_3_to_the_i_epochs_at_the_codes_rates() -> None:
+    from pipeline.training import learning_rate, schedule_stage
+
+    first_epochs = [1, 2, 5, 14, 41, 122, 365, 1094]  # stage i starts after 1 + 3 + ... + 3^(i-1)
+    assert [schedule_stage(e) for e in first_epochs] == list(range(8))
+    assert [schedule_stage(e - 1) for e in first_epochs[1:]] == list(range(7))
+    assert schedule_stage(3280) == schedule_stage(5000) == 7
+    rates = [learning_rate("burda", 1e-3, e) for e in first_epochs]
+    # 1e-4 * round(10 ** (1 - i / 7), 1), as the authors' experiments.py
+    assert rates == pytest.approx([1e-3, 7.2e-4, 5.2e-4, 3.7e-4, 2.7e-4, 1.9e-4, 1.4e-4, 1e-4])
+    assert learning_rate("constant", 1e-3, 1094) == 1e-3
+
+
+def test_fit_sets_each_epochs_learning_rate() -> None:
+    model, optimizer, images = tiny_setup()
+    rows = fit(model, optimizer, images, images[:10], first_epoch=1, epochs=3, batch_size=16,
+               binarize=False, lr_at=lambda epoch: 0.1 / epoch)  # fmt: skip
+    assert [row.lr for row in rows] == pytest.approx([0.1, 0.05, 0.1 / 3])
+
+
+def test_adam_can_start_its_second_moment_at_one_as_burdas_code() -> None:
+    """First step with v0 = 1: m = (1 - b1) g, v = b2 + (1 - b2) g^2, and the step is
+    lr * m_hat / (sqrt(v_hat) + eps) with the usual bias corrections."""
+    lr, (b1, b2), eps = 1e-3, (0.99, 0.999), 1e-4
+    steps = {}
+    for v0 in (0.0, 1.0):
+        model = VAE(hidden_dim=4, latent_dim=2)
+        optimizer = make_optimizer(model, lr, (b1, b2), eps, v0)
+        weight = model.to_mu.bias
+        with torch.no_grad():
+            weight.zero_()  # float32 steps of 1e-5 from 0, without rounding against a weight
+        before, gradient = weight.detach().clone(), torch.full_like(weight, 0.5)
+        for p in model.parameters():
+            p.grad = torch.zeros_like(p)
+        weight.grad = gradient.clone()
+        optimizer.step()
+        steps[v0] = before - weight.detach()
+    m_hat = (1 - b1) * 0.5 / (1 - b1)
+    v_hat = (b2 + (1 - b2) * 0.25) / (1 - b2)
+    assert steps[1.0] == pytest.approx(torch.full((2,), lr * m_hat / (v_hat**0.5 + eps)), rel=1e-4)
+    assert steps[0.0] == pytest.approx(torch.full((2,), lr * 0.5 / (0.5 + eps)), rel=1e-4)

@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import csv
 from dataclasses import asdict
+from datetime import timedelta
 
 import torch
 
 from pipeline import runtime, tracking
 from pipeline.config import Params, load_params
 from pipeline.data import binarize_once, load_split
-from pipeline.errors import Interrupted, reports_errors, stop_requests
+from pipeline.errors import ConfigError, Interrupted, reports_errors, stop_requests
 from pipeline.files import atomic_path, write_json
 from pipeline.grids import training_pictures
-from pipeline.model import VAE, save_vae
+from pipeline.model import VAE, init_output_bias, save_vae
 from pipeline.paths import (
     CHECKPOINT,
     RUN_INFO,
@@ -30,6 +31,7 @@ from pipeline.training import (
     Epoch,
     fit,
     flush_denormals,
+    learning_rate,
     make_optimizer,
     pick_device,
 )
@@ -60,19 +62,45 @@ def kept(history: list[Epoch], run_id: str) -> str:
     )
 
 
+def training_images(params: Params, device: torch.device) -> torch.Tensor:
+    """The training split without its last `data.holdout` images."""
+    images, _ = load_split(TRAIN_SPLIT, device)
+    holdout = params.data.holdout
+    if holdout >= len(images):
+        raise ConfigError(
+            f"data.holdout = {holdout} leaves no image to train on: {TRAIN_SPLIT} has "
+            f"{len(images)}; hold out fewer"
+        )
+    return images[: len(images) - holdout]
+
+
+def time_left(history: list[Epoch], first_new: int, epochs: int) -> str:
+    """ ", H:MM:SS left" at the mean pace of the epochs this process trained; "" after the last."""
+    done, remaining = history[first_new:], epochs - history[-1].epoch
+    if not remaining:
+        return ""
+    seconds = sum(row.seconds for row in done) / len(done) * remaining
+    return f", {timedelta(seconds=round(seconds))} left"
+
+
 def train(params: Params) -> None:
     flush_denormals()  # first: the worker threads started by the first parallel op inherit it
-    cfg = params.train
+    cfg, shape = params.train, params.model
     device = pick_device(cfg.device)
     experiment_id = tracking.connect(params.mlflow.experiment)  # fails fast, before any training
     torch.manual_seed(cfg.seed)
-    train_x, _ = load_split(TRAIN_SPLIT, device)
-    test_x, _ = load_split(TEST_SPLIT, device)
+    train_x = training_images(params, device)
+    test_x, _ = load_split(TEST_SPLIT)
     binarize = params.data.binarize == "dynamic"
-    if binarize:
+    if binarize:  # on the CPU: the same binary test set whatever the device (evaluate's too)
         test_x = binarize_once(test_x, params.data.binarize_seed)
-    model = VAE(params.model.hidden_dim, params.model.latent_dim).to(device)
-    optimizer = make_optimizer(model, cfg.lr)
+    test_x = test_x.to(device)
+    model = VAE(shape.hidden_dim, shape.latent_dim, shape.hidden_layers, shape.activation)
+    model = model.to(device)
+    if shape.output_bias == "data_mean":
+        init_output_bias(model, train_x.mean(dim=0))
+    betas = (cfg.adam_beta1, cfg.adam_beta2)
+    optimizer = make_optimizer(model, cfg.lr, betas, cfg.adam_eps, cfg.adam_v0)
     key = fingerprint(params, TRAIN_SPLIT)
     resumed = resume_or_start(CHECKPOINT, key, model, optimizer)
     history = resumed.history
@@ -98,12 +126,15 @@ def train(params: Params) -> None:
             batch_size=cfg.batch_size,
             binarize=binarize,
             stop=stop,
+            lr_at=lambda epoch: learning_rate(cfg.schedule, cfg.lr, epoch),
         )
+        first_new = len(history)
         try:
             for row in epochs:
                 history.append(row)
                 save_checkpoint(CHECKPOINT, key, model, optimizer, history, run_id)
-                print(row.line(cfg.epochs), flush=True)
+                left = time_left(history, first_new, cfg.epochs)
+                print(f"{row.line(cfg.epochs)}  lr {row.lr:.2g}{left}", flush=True)
                 log_epoch(row, training_pictures(model, fixed_z, shown))
         except Interrupted as interrupted:
             raise Interrupted(interrupted.signum, kept(history, run_id)) from None
