@@ -11,6 +11,7 @@ import csv
 import json
 import subprocess
 import sys
+from datetime import timedelta
 from pathlib import Path
 
 from mlflow.exceptions import MlflowException
@@ -18,7 +19,7 @@ from mlflow.tracking import MlflowClient
 
 from pipeline import registry, tracking
 from pipeline.config import Params
-from pipeline.paths import EVAL_METRICS, FIGURES, TRAIN_HISTORY, TRAIN_METRICS
+from pipeline.paths import EVAL_METRICS, FIGURES, RUN_INFO, TRAIN_HISTORY, TRAIN_METRICS
 
 LAB = json.loads((Path(__file__).parent / "lab_curve.json").read_text())
 # Burda, Grosse and Salakhutdinov, "Importance Weighted Autoencoders" (ICLR 2016), Table 1:
@@ -77,12 +78,31 @@ def paper_section() -> tuple[str, bool]:
         f"| Burda et al. (2016), Table 1 | {PAPER['nll']:.2f} | {PAPER['active_units']} | "
         f"{PAPER['epochs']} |",
         f"| this run | {nll:.2f} ± {se:.2f} | {evaluated['active_units']} | {epochs} |",
+        f"\nThis run: {run_facts()}.",
         f"\nReproduced (full protocol, within {PAPER['tolerance']} nat): **"
         + ("YES" if passed else "NO")
         + "**"
         + ("" if full else f" ({epochs} of {PAPER['epochs']} epochs: not the paper's row)"),
     ]
     return "\n".join(lines), passed
+
+
+def run_facts() -> str:
+    """Which MLflow run, on what, and how long its epochs took; what the store still has."""
+    uri = tracking.tracking_uri()
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        return "no MLflow store here"
+    try:
+        run_id = tracking.read_run_info(RUN_INFO)["run_id"]
+        client = MlflowClient(uri)
+        tags = client.get_run(run_id).data.tags
+        seconds = sum(m.value for m in client.get_metric_history(run_id, "train/epoch_seconds"))
+    except (MlflowException, tracking.TrackingError, OSError):
+        return "its MLflow run is not in this store"
+    return (
+        f"MLflow run `{run_id}`, {tags.get('device', '?')}, torch "
+        f"{tags.get('torch.version', '?')}, {timedelta(seconds=round(seconds))} in its epochs"
+    )
 
 
 def registry_section(params: Params) -> str:

@@ -73,6 +73,7 @@ def test_the_paper_section_puts_the_papers_row_beside_this_run(
     import json
 
     monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # an earlier test's store
     (tmp_path / "metrics").mkdir()
     (tmp_path / "metrics/train.json").write_text(json.dumps({"epochs": epochs}))
     evaluated = {"log_px_iwae": log_px, "log_px_iwae_se": 0.25, "active_units": 20}
@@ -83,3 +84,4 @@ def test_the_paper_section_puts_the_papers_row_beside_this_run(
     assert f"| this run | {-log_px:.2f} ± 0.25 | 20 | {epochs} |" in text
     assert f"**{verdict}**" in text
     assert ("not the paper's row" in text) == (epochs != 3280)
+    assert "This run: no MLflow store here." in text
