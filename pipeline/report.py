@@ -87,10 +87,15 @@ def paper_section() -> tuple[str, bool]:
     return "\n".join(lines), passed
 
 
+def no_local_store(uri: str) -> bool:
+    """A local SQLite store that does not exist: opening it would create an empty one."""
+    return uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file()
+
+
 def run_facts() -> str:
     """Which MLflow run, on what, and how long its epochs took; what the store still has."""
     uri = tracking.tracking_uri()
-    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+    if no_local_store(uri):
         return "no MLflow store here"
     try:
         run_id = tracking.read_run_info(RUN_INFO)["run_id"]
@@ -107,7 +112,7 @@ def run_facts() -> str:
 
 def registry_section(params: Params) -> str:
     uri = tracking.tracking_uri()
-    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+    if no_local_store(uri):
         return "No MLflow store here: run `make repro` to train and register a model."
     client = MlflowClient(uri)
     cfg, name = params.registry, params.registry.model_name

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -13,6 +11,8 @@ import urllib.request
 from pathlib import Path
 
 from mlflow.tracking import MlflowClient
+
+from pipeline.stack import stop
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 GIT = ["git", "-c", "user.name=test", "-c", "user.email=test@localhost"]
@@ -105,12 +105,6 @@ def grid_steps(client: MlflowClient, run_id: str, key: str = "generated") -> lis
     return sorted(int(p.removeprefix(prefix).split("+")[0]) for p in paths if p.startswith(prefix))
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_server(command: list[str], **env: str) -> subprocess.Popen:
     """A server in a session of its own, so that `stop_server` also stops its workers."""
     return subprocess.Popen(
@@ -124,8 +118,7 @@ def start_server(command: list[str], **env: str) -> subprocess.Popen:
 
 
 def stop_server(server: subprocess.Popen) -> None:
-    os.killpg(server.pid, signal.SIGTERM)
-    server.wait(timeout=30)
+    stop(server)
 
 
 def wait_for(url: str, process: subprocess.Popen, seconds: float) -> None:

@@ -18,7 +18,6 @@ import helpers
 from helpers import (
     FIGURE_NAMES,
     dvc,
-    free_port,
     grid_steps,
     python_m,
     start_server,
@@ -37,6 +36,7 @@ from pipeline.paths import (
     TRAIN_HISTORY,
     TRAIN_SPLIT,
 )
+from pipeline.stack import free_port
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 

@@ -16,7 +16,6 @@ from mlflow.tracking import MlflowClient
 
 from helpers import (
     dvc,
-    free_port,
     git_commit,
     grid_steps,
     python_m,
@@ -27,6 +26,7 @@ from helpers import (
 )
 from pipeline.config import load_params
 from pipeline.paths import EVAL_METRICS, FIGURES, RUN_INFO, TRAIN_SPLIT, WEIGHTS
+from pipeline.stack import free_port
 from pipeline.stages import train as train_stage
 
 pytestmark = pytest.mark.slow
