@@ -33,7 +33,7 @@ format: $(INSTALLED)
 
 bench: $(INSTALLED)
 	dvc repro preprocess
-	python -m pipeline.bench
+	python -m pipeline.tools.bench
 
 # Mutation testing of the maths, the evaluation and the training step (config: pyproject.toml).
 mutants: $(INSTALLED)

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline import data
+from pipeline.data import mnist as data
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -42,7 +42,7 @@ def tiny_mnist(folder: Path, n_train: int = 64, n_test: int = 32, seed: int = 0)
 
 @pytest.fixture
 def tiny_raw(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A folder of tiny IDX files, with pipeline.data's reference digests swapped for theirs."""
+    """A folder of tiny IDX files, with mnist.py's reference digests swapped for theirs."""
     folder = tmp_path / "tiny"
     monkeypatch.setattr(data, "FILES", tiny_mnist(folder))
     return folder

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
-from pipeline.stack import stop
+from pipeline.tools.stack import stop
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 GIT = ["git", "-c", "user.name=test", "-c", "user.email=test@localhost"]

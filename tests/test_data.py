@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import data
-from pipeline.data import DataError
+from pipeline.data import mnist as data
+from pipeline.data.mnist import DataError
 
 
 def test_idx_round_trip(tmp_path: Path) -> None:

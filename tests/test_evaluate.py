@@ -10,20 +10,20 @@ from torchvision.utils import make_grid
 
 from helpers import FIGURE_NAMES
 from pipeline.config import load_params
-from pipeline.evaluation import (
+from pipeline.paths import EVAL_BREAKDOWN, EVAL_METRICS, FIGURES, RUN_INFO
+from pipeline.stages import train as train_stage
+from pipeline.stages.evaluate import run_evaluation
+from pipeline.stages.sample import read_history, run_sampling
+from pipeline.vae.evaluation import (
     active_units,
     elbo_terms,
     evaluate,
     iwae_log_likelihood,
     posterior_means,
 )
-from pipeline.figures import draw_all
-from pipeline.grids import digit_grid
-from pipeline.model import VAE, loss_terms, reconstruction_loss
-from pipeline.paths import EVAL_BREAKDOWN, EVAL_METRICS, FIGURES, RUN_INFO
-from pipeline.stages import train as train_stage
-from pipeline.stages.evaluate import run_evaluation
-from pipeline.stages.sample import read_history, run_sampling
+from pipeline.vae.figures import draw_all
+from pipeline.vae.grids import digit_grid
+from pipeline.vae.model import VAE, loss_terms, reconstruction_loss
 
 
 def trained_tiny_model() -> tuple[VAE, torch.Tensor]:
@@ -124,7 +124,7 @@ def test_iwae_matches_log_px_integrated_over_a_1d_latent() -> None:
 def test_iwae_chunks_samples_without_changing_the_result(monkeypatch: pytest.MonkeyPatch) -> None:
     model, images = trained_tiny_model()
     whole = iwae_log_likelihood(model, images, 12, 16, torch.Generator().manual_seed(0))
-    monkeypatch.setattr("pipeline.evaluation.ROWS_PER_CHUNK", 16 * 5)  # chunks of 5 samples
+    monkeypatch.setattr("pipeline.vae.evaluation.ROWS_PER_CHUNK", 16 * 5)  # chunks of 5 samples
     chunked = iwae_log_likelihood(model, images, 12, 16, torch.Generator().manual_seed(0))
     assert torch.allclose(whole, chunked, atol=1e-4)
 
@@ -294,9 +294,9 @@ def test_digit_grids_match_torchvisions_make_grid(count: int, nrow: int, scale: 
 
 def test_every_figure_has_a_title_and_the_latent_plot_shows_ten_classes(workdir: Path) -> None:
     train_tiny()
-    from pipeline.data import load_split
-    from pipeline.model import load_vae
+    from pipeline.data.mnist import load_split
     from pipeline.paths import TEST_SPLIT, WEIGHTS
+    from pipeline.vae.model import load_vae
 
     images, labels = load_split(TEST_SPLIT)
     drawn = draw_all(load_vae(WEIGHTS), images, labels, read_history(), load_params().sample)
@@ -321,9 +321,9 @@ def grid_cells(figure, rows: int, cols: int) -> torch.Tensor:
 def test_the_reconstructions_figure_shows_test_digits_over_their_reconstructions(
     workdir: Path, set_params
 ) -> None:
-    from pipeline.data import load_split
-    from pipeline.model import load_vae
+    from pipeline.data.mnist import load_split
     from pipeline.paths import TEST_SPLIT, WEIGHTS
+    from pipeline.vae.model import load_vae
 
     set_params(workdir, train={"epochs": 15, "lr": 0.01})  # long enough to tell digits apart
     train_tiny()
@@ -344,9 +344,9 @@ def test_the_reconstructions_figure_shows_test_digits_over_their_reconstructions
 def test_dynamic_binarisation_evaluates_on_one_fixed_binary_test_set(
     workdir: Path, set_params
 ) -> None:
-    from pipeline.data import binarize_once, load_split
-    from pipeline.model import load_vae
+    from pipeline.data.mnist import binarize_once, load_split
     from pipeline.paths import TEST_SPLIT, WEIGHTS
+    from pipeline.vae.model import load_vae
 
     images, _ = load_split(TEST_SPLIT)
     once = binarize_once(images, seed=0)
@@ -430,8 +430,8 @@ def test_every_size_bound_config_accepts_runs_through_every_stage(
 def test_promote_refuses_a_candidate_evaluated_unlike_the_champion(
     workdir: Path, set_params
 ) -> None:
-    from pipeline import registry
-    from pipeline.registry import RegistryError
+    from pipeline.tracking import registry
+    from pipeline.tracking.registry import RegistryError
 
     run_evaluation_after_training()  # grey levels: the champion
     set_params(workdir, data={"binarize": "dynamic"})

@@ -323,7 +323,7 @@ def test_a_store_locked_by_another_process_is_named(
 
 
 def test_the_stack_refuses_a_port_in_use_before_starting_anything(tmp_path: Path) -> None:
-    from pipeline.stack import StackError, running_stack
+    from pipeline.tools.stack import StackError, running_stack
 
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
@@ -339,7 +339,7 @@ def test_the_stack_refuses_a_port_in_use_before_starting_anything(tmp_path: Path
 
 
 def test_a_server_that_exits_is_reported_with_its_last_error_line(tmp_path: Path) -> None:
-    from pipeline.stack import StackError, start, wait_until
+    from pipeline.tools.stack import StackError, start, wait_until
 
     log = tmp_path / "server.log"
     script = "print('starting'); print('FATAL: could not bind 127.0.0.1:5433'); print('shut down')"

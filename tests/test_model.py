@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline import runtime
-from pipeline.model import VAE, kl_divergence, loss_terms, reconstruction_loss, reparameterize
+from pipeline.vae.model import VAE, kl_divergence, loss_terms, reconstruction_loss, reparameterize
 
 
 def test_shapes() -> None:
@@ -65,8 +65,9 @@ def test_every_parameter_gets_a_gradient() -> None:
 PACKAGE = Path(__file__).resolve().parent.parent / "pipeline"
 STAGES = ("download", "preprocess", "train", "evaluate", "sample")
 LIBRARY_MODULES = sorted(
-    [p.stem for p in PACKAGE.glob("*.py") if p.stem != "__init__"]
-    + [f"stages.{stage}" for stage in STAGES]
+    ".".join(p.relative_to(PACKAGE).with_suffix("").parts)
+    for p in PACKAGE.rglob("*.py")
+    if p.stem != "__init__"
 )
 SPY_ON_EXP_AND_LOG = (
     "import sys, torch\n"
@@ -104,13 +105,13 @@ class Started(Exception):
     pass
 
 
-@pytest.mark.parametrize("entry", [*(f"stages.{s}" for s in STAGES), "__main__", "bench"])
+@pytest.mark.parametrize("entry", [*(f"stages.{s}" for s in STAGES), "commands", "tools.bench"])
 def test_every_entry_point_starts_the_runtime_first(
     entry: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # In an empty folder (no params.yaml, no data) anything done before the start would fail.
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(sys, "argv", ["python", "promote"] if entry == "__main__" else ["python"])
+    monkeypatch.setattr(sys, "argv", ["python", "promote"] if entry == "commands" else ["python"])
     monkeypatch.setattr(runtime, "start", lambda: (_ for _ in ()).throw(Started))
     with pytest.raises(Started):
         importlib.import_module(f"pipeline.{entry}").main()
@@ -131,8 +132,8 @@ def test_the_default_network_is_the_labs_and_follows_the_handout() -> None:
 
 
 def test_missing_weights_name_the_file_and_the_command(tmp_path: Path) -> None:
-    from pipeline.files import StaleOutputError
-    from pipeline.model import load_vae
+    from pipeline.data.files import StaleOutputError
+    from pipeline.vae.model import load_vae
 
     with pytest.raises(StaleOutputError) as missing:
         load_vae(tmp_path / "vae.safetensors")
@@ -140,7 +141,7 @@ def test_missing_weights_name_the_file_and_the_command(tmp_path: Path) -> None:
 
 
 def test_burdas_network_has_two_tanh_layers_each_way_and_round_trips(tmp_path: Path) -> None:
-    from pipeline.model import load_vae, save_vae
+    from pipeline.vae.model import load_vae, save_vae
 
     model = VAE(hidden_dim=200, latent_dim=50, hidden_layers=2, activation="tanh")
     linear = [(m.in_features, m.out_features) for m in model.modules() if isinstance(m, nn.Linear)]
@@ -155,8 +156,8 @@ def test_burdas_network_has_two_tanh_layers_each_way_and_round_trips(tmp_path: P
 
 
 def test_weights_saved_before_layers_were_a_param_load_as_the_labs_network(tmp_path: Path) -> None:
-    from pipeline.files import write_tensors
-    from pipeline.model import load_vae
+    from pipeline.data.files import write_tensors
+    from pipeline.vae.model import load_vae
 
     model = VAE(hidden_dim=8, latent_dim=2)
     write_tensors(tmp_path / "old.safetensors", model.state_dict(), {"hidden_dim": 8,
@@ -167,7 +168,7 @@ def test_weights_saved_before_layers_were_a_param_load_as_the_labs_network(tmp_p
 
 
 def test_the_output_bias_starts_at_the_logit_of_the_clipped_mean_pixel() -> None:
-    from pipeline.model import init_output_bias
+    from pipeline.vae.model import init_output_bias
 
     model = VAE(hidden_dim=8, latent_dim=2)
     means = torch.linspace(0, 1, 784)

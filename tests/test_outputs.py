@@ -13,18 +13,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline import data
 from pipeline.config import load_params
-from pipeline.files import StaleOutputError, read_tensors
-from pipeline.model import VAE, load_vae, save_vae
+from pipeline.data import mnist as data
+from pipeline.data.files import StaleOutputError, read_tensors
 from pipeline.paths import TRAIN_HISTORY, TRAIN_METRICS, WEIGHTS
 from pipeline.stages import evaluate as evaluate_stage
 from pipeline.stages import train as train_stage
 from pipeline.stages.preprocess import preprocess
+from pipeline.vae.model import VAE, load_vae, save_vae
 
 WRITE_IN_A_FRESH_PROCESS = """
 import sys, torch
-from pipeline.files import write_tensors
+from pipeline.data.files import write_tensors
 tensors = {f"w{i}": torch.arange(i * 10, dtype=torch.float32) for i in range(6)}
 metadata = {f"key{i}": i for i in range(8)}
 write_tensors(sys.argv[1], tensors | {"labels": torch.arange(5)}, metadata)

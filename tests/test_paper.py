@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from helpers import environment, git_commit, store
-from pipeline.model import load_vae
 from pipeline.paths import EVAL_METRICS, TRAIN_METRICS, WEIGHTS
+from pipeline.vae.model import load_vae
 
 pytestmark = pytest.mark.slow
 

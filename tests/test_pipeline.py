@@ -25,8 +25,8 @@ from helpers import (
     store,
     wait_for,
 )
-from pipeline import data
-from pipeline.data import raw_dir
+from pipeline.data import mnist as data
+from pipeline.data.mnist import raw_dir
 from pipeline.paths import (
     EVAL_METRICS,
     FIGURES,
@@ -36,7 +36,7 @@ from pipeline.paths import (
     TRAIN_HISTORY,
     TRAIN_SPLIT,
 )
-from pipeline.stack import free_port
+from pipeline.tools.stack import free_port
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -44,7 +44,7 @@ pytestmark = pytest.mark.slow
 
 # The lab handout's training loss per epoch and its tolerances (a copy of
 # shared/reference/lab_curve.json in the package, so that CI does not depend on shared/).
-LAB = json.loads((REPO_ROOT / "pipeline" / "lab_curve.json").read_text())
+LAB = json.loads((REPO_ROOT / "pipeline" / "commands" / "lab_curve.json").read_text())
 LAB_CURVE = LAB["epochs"]
 EACH_EPOCH_TOLERANCE, FINAL_TOLERANCE = LAB["tolerance"]["each_epoch"], LAB["tolerance"]["final"]
 

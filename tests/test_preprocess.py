@@ -3,7 +3,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline import data
+from pipeline.data import mnist as data
 from pipeline.stages.preprocess import preprocess
 
 

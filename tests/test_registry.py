@@ -5,11 +5,11 @@ import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
 
-from pipeline import registry
 from pipeline.config import RegistryConfig
-from pipeline.model import VAE, save_vae
-from pipeline.registry import RegistryError
-from pipeline.tracking import log_vae_model
+from pipeline.tracking import registry
+from pipeline.tracking.registry import RegistryError
+from pipeline.tracking.runs import log_vae_model
+from pipeline.vae.model import VAE, save_vae
 
 CONFIG = RegistryConfig(
     model_name="vae", metric="test_loss", direction="minimize", min_improvement=0.5

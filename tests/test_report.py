@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import report
+from pipeline.commands import report
 from pipeline.config import load_params
 from pipeline.stages import train as train_stage
 from pipeline.stages.evaluate import run_evaluation

@@ -26,8 +26,8 @@ from helpers import (
 )
 from pipeline.config import load_params
 from pipeline.paths import EVAL_METRICS, FIGURES, RUN_INFO, TRAIN_SPLIT, WEIGHTS
-from pipeline.stack import free_port
 from pipeline.stages import train as train_stage
+from pipeline.tools.stack import free_port
 
 pytestmark = pytest.mark.slow
 

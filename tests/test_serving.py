@@ -21,11 +21,11 @@ from PIL import Image
 from helpers import environment
 from pipeline import __main__ as cli
 from pipeline.config import load_params
-from pipeline.data import load_split
-from pipeline.model import load_vae, loss_terms
+from pipeline.data.mnist import load_split
 from pipeline.paths import RUN_INFO, TEST_SPLIT, WEIGHTS
 from pipeline.stages import train as train_stage
 from pipeline.stages.evaluate import run_evaluation
+from pipeline.vae.model import load_vae, loss_terms
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ from mlflow.tracking import MlflowClient
 
 from helpers import dvc, git_commit, grid_steps, python_m
 from pipeline.paths import EVAL_METRICS, FIGURES, RUN_INFO, TRAIN_SPLIT, WEIGHTS
-from pipeline.stack import ARTIFACTS, Stack, running_stack
+from pipeline.tools.stack import ARTIFACTS, Stack, running_stack
 
 pytestmark = pytest.mark.slow
 

@@ -15,11 +15,9 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from helpers import grid_steps, store
-from pipeline import training
 from pipeline.config import load_params
-from pipeline.data import REFERENCE, load_split
+from pipeline.data.mnist import REFERENCE, load_split
 from pipeline.errors import PipelineError
-from pipeline.model import load_vae
 from pipeline.paths import (
     CHECKPOINT,
     RUN_INFO,
@@ -29,7 +27,9 @@ from pipeline.paths import (
     WEIGHTS,
 )
 from pipeline.stages import train as train_stage
-from pipeline.tracking import TrackingError
+from pipeline.tracking.runs import TrackingError
+from pipeline.vae import training
+from pipeline.vae.model import load_vae
 
 METRICS = (
     "train/loss",
@@ -302,7 +302,7 @@ def test_flush_denormals_reaches_the_worker_threads_torch_starts_later() -> None
     # A fresh process: the flag belongs to each thread, and this process's workers already run.
     probe = (
         "import torch\n"
-        "from pipeline.training import flush_denormals\n"
+        "from pipeline.vae.training import flush_denormals\n"
         "torch.set_num_threads(2)\n"
         "flush_denormals()\n"
         "x = torch.full((1 << 20,), 1e-30) * 1e-10\n"  # 1e-40, subnormal unless flushed
@@ -389,7 +389,7 @@ def test_git_dirty_ignores_the_files_dvc_rewrites(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from helpers import git_commit
-    from pipeline.tracking import git_tags
+    from pipeline.tracking.runs import git_tags
 
     for name in ("dvc.lock", "metrics/train.json", "plots/history.csv", "pipeline/model.py"):
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)

@@ -8,10 +8,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from pipeline import training
 from pipeline.errors import Interrupted, PipelineError, StopRequest
-from pipeline.model import VAE, loss_terms
-from pipeline.training import NonFiniteLoss, evaluate_loss, fit, make_optimizer, train_epoch
+from pipeline.vae import training
+from pipeline.vae.model import VAE, loss_terms
+from pipeline.vae.training import NonFiniteLoss, evaluate_loss, fit, make_optimizer, train_epoch
 
 
 def tiny_setup(n: int = 40, seed: int = 0) -> tuple[VAE, torch.optim.Optimizer, torch.Tensor]:
@@ -180,7 +180,7 @@ def test_flush_denormals_treats_subnormals_as_zero() -> None:
 
 
 def test_burdas_schedule_has_eight_stages_of_3_to_the_i_epochs_at_the_codes_rates() -> None:
-    from pipeline.training import learning_rate, schedule_stage
+    from pipeline.vae.training import learning_rate, schedule_stage
 
     first_epochs = [1, 2, 5, 14, 41, 122, 365, 1094]  # stage i starts after 1 + 3 + ... + 3^(i-1)
     assert [schedule_stage(e) for e in first_epochs] == list(range(8))

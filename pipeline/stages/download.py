@@ -2,7 +2,7 @@
 
 from pipeline import runtime
 from pipeline.config import load_params
-from pipeline.data import download_mnist, raw_dir
+from pipeline.data.mnist import download_mnist, raw_dir
 from pipeline.errors import reports_errors
 from pipeline.paths import RAW_ROOT
 

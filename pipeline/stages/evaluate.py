@@ -4,15 +4,17 @@ from __future__ import annotations
 
 from mlflow.tracking import MlflowClient
 
-from pipeline import registry, runtime, tracking
+from pipeline import runtime
 from pipeline.config import Params, load_params
-from pipeline.data import binarize_once, load_split
+from pipeline.data.files import write_json
+from pipeline.data.mnist import binarize_once, load_split
 from pipeline.errors import ConfigError, reports_errors
-from pipeline.evaluation import SCALAR_METRICS, evaluate
-from pipeline.files import write_json
-from pipeline.model import load_vae
 from pipeline.paths import EVAL_BREAKDOWN, EVAL_METRICS, RUN_INFO, TEST_SPLIT, WEIGHTS
-from pipeline.training import pick_device
+from pipeline.tracking import registry
+from pipeline.tracking import runs as tracking
+from pipeline.vae.evaluation import SCALAR_METRICS, evaluate
+from pipeline.vae.model import load_vae
+from pipeline.vae.training import pick_device
 
 BREAKDOWNS = ("kl_per_dim", "activity_per_dim", "loss_per_class")
 

@@ -7,9 +7,9 @@ from torchvision.datasets import MNIST
 
 from pipeline import runtime
 from pipeline.config import load_params
-from pipeline.data import DataError, raw_dir, save_split
+from pipeline.data.files import write_json
+from pipeline.data.mnist import DataError, raw_dir, save_split
 from pipeline.errors import reports_errors
-from pipeline.files import write_json
 from pipeline.paths import CLASS_COUNTS, PROCESSED, RAW_ROOT
 
 

@@ -6,14 +6,15 @@ import csv
 
 import mlflow
 
-from pipeline import runtime, tracking
+from pipeline import runtime
 from pipeline.config import Params, load_params
-from pipeline.data import load_split
+from pipeline.data.files import atomic_path
+from pipeline.data.mnist import load_split
 from pipeline.errors import reports_errors
-from pipeline.figures import draw_all
-from pipeline.files import atomic_path
-from pipeline.model import load_vae
 from pipeline.paths import FIGURES, RUN_INFO, TEST_SPLIT, TRAIN_HISTORY, WEIGHTS
+from pipeline.tracking import runs as tracking
+from pipeline.vae.figures import draw_all
+from pipeline.vae.model import load_vae
 
 
 def read_history() -> list[dict]:

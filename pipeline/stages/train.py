@@ -8,13 +8,12 @@ from datetime import timedelta
 
 import torch
 
-from pipeline import runtime, tracking
+from pipeline import runtime
 from pipeline.config import Params, load_params
-from pipeline.data import binarize_once, load_split
+from pipeline.data.checkpoints import fingerprint, resume_or_start, save_checkpoint
+from pipeline.data.files import atomic_path, write_json
+from pipeline.data.mnist import binarize_once, load_split
 from pipeline.errors import ConfigError, Interrupted, reports_errors, stop_requests
-from pipeline.files import atomic_path, write_json
-from pipeline.grids import training_pictures
-from pipeline.model import VAE, init_output_bias, save_vae
 from pipeline.paths import (
     CHECKPOINT,
     RUN_INFO,
@@ -24,9 +23,11 @@ from pipeline.paths import (
     TRAIN_SPLIT,
     WEIGHTS,
 )
-from pipeline.resume import fingerprint, resume_or_start, save_checkpoint
-from pipeline.tracking import log_epoch
-from pipeline.training import (
+from pipeline.tracking import runs as tracking
+from pipeline.tracking.runs import log_epoch
+from pipeline.vae.grids import training_pictures
+from pipeline.vae.model import VAE, init_output_bias, save_vae
+from pipeline.vae.training import (
     HISTORY_FIELDS,
     Epoch,
     fit,

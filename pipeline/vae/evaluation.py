@@ -8,7 +8,7 @@ import sys
 import torch
 from tqdm import tqdm
 
-from pipeline.model import VAE, kl_per_dimension, loss_terms, reconstruction_loss
+from pipeline.vae.model import VAE, kl_per_dimension, loss_terms, reconstruction_loss
 
 # The headline numbers in metrics/evaluate.json; registry.metric must name one of them. (The
 # ELBO, also returned, is minus the test loss.)

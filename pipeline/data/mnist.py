@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipeline.data.files import read_tensors, write_tensors
 from pipeline.errors import PipelineError
-from pipeline.files import read_tensors, write_tensors
 
 # The canonical digests and the package-registry mirror (a copy of the lab's reference file).
 REFERENCE = json.loads((Path(__file__).parent / "mnist.json").read_text())

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.files import read_tensors, write_tensors
+from pipeline.data.files import read_tensors, write_tensors
 
 IMAGE_DIM = 28 * 28
 ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh}

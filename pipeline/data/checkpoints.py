@@ -18,12 +18,12 @@ from pathlib import Path
 
 import torch
 
-from pipeline import tracking
 from pipeline.config import Params
+from pipeline.data.files import atomic_path, hash_file
 from pipeline.errors import first_line
-from pipeline.files import atomic_path, hash_file
-from pipeline.model import VAE
-from pipeline.training import Epoch
+from pipeline.tracking import runs as tracking
+from pipeline.vae.model import VAE
+from pipeline.vae.training import Epoch
 
 
 @dataclass

@@ -11,9 +11,9 @@ import torch
 from matplotlib.figure import Figure
 
 from pipeline.config import SampleConfig
-from pipeline.evaluation import posterior_means
-from pipeline.grids import digit_grid
-from pipeline.model import VAE
+from pipeline.vae.evaluation import posterior_means
+from pipeline.vae.grids import digit_grid
+from pipeline.vae.model import VAE
 
 
 def loss_curves(history: list[dict]) -> Figure:

@@ -14,10 +14,10 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from pipeline import serving
 from pipeline.config import Params, RegistryConfig
 from pipeline.errors import PipelineError
-from pipeline.tracking import git_tags
+from pipeline.tracking import pyfunc as serving
+from pipeline.tracking.runs import git_tags
 
 CANDIDATE, CHAMPION = "candidate", "champion"
 HEADLINE = ("test_loss", "log_px_iwae")  # in a version's description

@@ -23,7 +23,7 @@ from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.pyfunc import PythonModel
 from mlflow.types import ParamSchema, ParamSpec, Schema, TensorSpec
 
-from pipeline.model import IMAGE_DIM, VAE, load_vae, loss_terms
+from pipeline.vae.model import IMAGE_DIM, VAE, load_vae, loss_terms
 
 METHODS = ("decode", "encode", "reconstruct", "score")
 PARAMS = ParamSchema(

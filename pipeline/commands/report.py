@@ -17,9 +17,10 @@ from pathlib import Path
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from pipeline import registry, tracking
 from pipeline.config import Params
 from pipeline.paths import EVAL_METRICS, FIGURES, RUN_INFO, TRAIN_HISTORY, TRAIN_METRICS
+from pipeline.tracking import registry
+from pipeline.tracking import runs as tracking
 
 LAB = json.loads((Path(__file__).parent / "lab_curve.json").read_text())
 # Burda, Grosse and Salakhutdinov, "Importance Weighted Autoencoders" (ICLR 2016), Table 1:

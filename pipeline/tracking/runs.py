@@ -23,14 +23,14 @@ from mlflow.entities import RunStatus
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from pipeline import serving
 from pipeline.config import Params
-from pipeline.data import FILES as CANONICAL
+from pipeline.data.files import hash_file, read_tensors, write_json
+from pipeline.data.mnist import FILES as CANONICAL
 from pipeline.errors import Interrupted, PipelineError, first_line
-from pipeline.files import hash_file, read_tensors, write_json
-from pipeline.model import VAE
 from pipeline.paths import TEST_SPLIT, TRAIN_SPLIT
-from pipeline.training import Epoch
+from pipeline.tracking import pyfunc as serving
+from pipeline.vae.model import VAE
+from pipeline.vae.training import Epoch
 
 SERVER_TIMEOUT_S = 10  # connect + read; well inside the 30 s the user is promised
 
@@ -263,11 +263,11 @@ def log_vae_model(weights: Path, latent_dim: int) -> None:
     Logged from code with this package as its code and the weights in safetensors: loading it
     unpickles nothing and needs nothing from this repository.
     """
-    package = Path(__file__).resolve().parent
+    package = Path(__file__).resolve().parent.parent
     example = np.random.default_rng(0).standard_normal((2, latent_dim)).astype(np.float32)
     mlflow.pyfunc.log_model(
         name="model",
-        python_model=str(package / "mlflow_model.py"),
+        python_model=str(package / "tracking" / "model_code.py"),
         artifacts={"weights": str(weights)},
         code_paths=[str(package)],
         signature=serving.signature(),

@@ -10,8 +10,8 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
+from pipeline.data.files import atomic_path
 from pipeline.errors import PipelineError
-from pipeline.files import atomic_path
 
 
 def read_images(source: Path) -> tuple[list[str], np.ndarray]:

@@ -34,12 +34,12 @@ from torchvision import datasets, transforms
 
 from pipeline import runtime
 from pipeline.config import load_params
-from pipeline.data import load_split
+from pipeline.data.mnist import load_split
 from pipeline.errors import reports_errors
-from pipeline.model import VAE, loss_terms
 from pipeline.paths import PROCESSED, RAW_ROOT, RUN_INFO, TRAIN_SPLIT
-from pipeline.tracking import read_run_info
-from pipeline.training import flush_denormals, make_optimizer, train_epoch
+from pipeline.tracking.runs import read_run_info
+from pipeline.vae.model import VAE, loss_terms
+from pipeline.vae.training import flush_denormals, make_optimizer, train_epoch
 
 # ours against the DataLoader path and the floor; the stage's epochs against ours; the stage's
 # time outside its epochs (imports, the store, pictures, checkpoints, the model) in seconds.

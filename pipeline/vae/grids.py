@@ -10,7 +10,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline.model import VAE
+from pipeline.vae.model import VAE
 
 PAD = 2  # white pixels around every digit, as torchvision's make_grid(padding=2, pad_value=1)
 

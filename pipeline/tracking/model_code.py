@@ -6,6 +6,6 @@ unpickling a Python object.
 
 from mlflow.models import set_model
 
-from pipeline.serving import VAEModel
+from pipeline.tracking.pyfunc import VAEModel
 
 set_model(VAEModel())

@@ -15,7 +15,7 @@ import torch
 from tqdm import tqdm
 
 from pipeline.errors import PipelineError, StopRequest
-from pipeline.model import VAE, loss_terms
+from pipeline.vae.model import VAE, loss_terms
 
 
 class NonFiniteLoss(PipelineError):

@@ -1,0 +1,1 @@
+"""Tools beside the pipeline: the local team stack and the training benchmark."""

@@ -1,0 +1,1 @@
+"""MLflow: the store, training runs, the whole VAE as a pyfunc model, and the registry."""

@@ -1,0 +1,1 @@
+"""The science: the handout's VAE, its training loop, evaluation and pictures; torch only."""
