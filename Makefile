@@ -33,7 +33,7 @@ format: $(INSTALLED)
 
 bench: $(INSTALLED)
 	dvc repro preprocess
-	python -m pipeline.tools.bench
+	mnist-vae bench
 
 # Mutation testing of the maths, the evaluation and the training step (config: pyproject.toml).
 mutants: $(INSTALLED)
@@ -42,29 +42,24 @@ mutants: $(INSTALLED)
 	mutmut results
 
 promote: $(INSTALLED)
-	python -m pipeline promote
+	mnist-vae promote
 
 # Markdown for a pull request: params and metrics against REV, the lab's curve, the registry.
 REV ?= HEAD
 report: $(INSTALLED)
-	python -m pipeline report --rev $(REV) --check
+	mnist-vae report --rev $(REV) --check
 
-# Burda et al. (2016), Table 1, MNIST, one stochastic layer, VAE (k = 1): 86.76 nats. Their
-# protocol as a DVC experiment (README, "A published result"); run it again to resume.
+# Burda et al. (2016), Table 1 (86.76 nats): their protocol (pipeline/presets/burda2015.yaml) as a
+# DVC experiment (docs/paper.md); run it again to resume.
 PAPER_NAME ?= burda2015
 PAPER_EPOCHS ?= 3280
 PAPER_K ?= 5000
-PAPER := data.binarize=dynamic data.holdout=400 \
-	model.hidden_dim=200 model.hidden_layers=2 model.activation=tanh model.latent_dim=50 \
-	model.output_bias=data_mean train.batch_size=20 train.schedule=burda \
-	train.adam_beta1=0.99 train.adam_eps=1e-4 train.adam_v0=1.0 \
-	train.epochs=$(PAPER_EPOCHS) evaluate.iwae_samples=$(PAPER_K)
 paper: $(INSTALLED)
-	dvc exp run -n $(PAPER_NAME) $(addprefix -S ,$(PAPER))
+	mnist-vae paper --name $(PAPER_NAME) --epochs $(PAPER_EPOCHS) --k $(PAPER_K)
 
 # PostgreSQL, SeaweedFS (S3) and an MLflow server on 127.0.0.1, state in .stack/; Ctrl-C stops them.
 stack: $(INSTALLED)
-	python -m pipeline stack
+	mnist-vae stack
 
 clean:
 	rm -rf checkpoints mutants .pytest_cache .ruff_cache

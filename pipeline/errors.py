@@ -1,8 +1,9 @@
 """Expected failures: one line that says what happened and what to do, no traceback, non-zero exit.
 
-Every entry point is wrapped in `reports_errors`. It prints a PipelineError's message, and turns
-the expected failures that arrive as other exceptions (an interruption, memory or disk running
-out) into the same one line. Anything else is a bug and keeps its traceback.
+Every error class of the package is here. Every entry point is wrapped in `reports_errors`: it
+prints a PipelineError's message, and turns the expected failures that arrive as other exceptions
+(an interruption, memory or disk running out) into the same one line. Anything else is a bug and
+keeps its traceback.
 """
 
 from __future__ import annotations
@@ -11,8 +12,7 @@ import errno
 import functools
 import signal
 import sys
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import TypeVar
 
 F = TypeVar("F", bound=Callable[..., object])
@@ -35,6 +35,30 @@ class ConfigError(PipelineError):
     exit_code = 2
 
 
+class DataError(PipelineError):
+    """A missing, corrupt or unobtainable MNIST file."""
+
+
+class StaleOutputError(PipelineError):
+    """An output that is missing, damaged, or in a format this version no longer writes."""
+
+
+class NonFiniteLoss(PipelineError):
+    """Training diverged: the loss became inf or NaN."""
+
+
+class TrackingError(PipelineError):
+    """An MLflow store or tracking server that cannot be used."""
+
+
+class RegistryError(PipelineError):
+    """A registered model, version or alias that is missing or cannot be compared."""
+
+
+class StackError(PipelineError):
+    """A server of the local team stack that cannot start."""
+
+
 class Interrupted(PipelineError):
     """SIGINT (Ctrl-C) or SIGTERM; exits with 128 + the signal's number, as a shell reports it."""
 
@@ -49,34 +73,6 @@ class Interrupted(PipelineError):
 
 def _raise_interrupted(signum: int, frame: object) -> None:
     raise Interrupted(signum)
-
-
-class StopRequest:
-    """Set by SIGINT or SIGTERM; the training loop calls `check()` where it can stop safely."""
-
-    def __init__(self) -> None:
-        self.signum: int | None = None
-
-    def __call__(self, signum: int, frame: object) -> None:
-        if self.signum is not None:  # asked twice: stop now
-            raise Interrupted(signum)
-        self.signum = signum
-
-    def check(self) -> None:
-        if self.signum is not None:
-            raise Interrupted(self.signum)
-
-
-@contextmanager
-def stop_requests() -> Iterator[StopRequest]:
-    """While the block runs, SIGINT and SIGTERM only ask it to stop at its next `check()`."""
-    request = StopRequest()
-    previous = {sig: signal.signal(sig, request) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield request
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
 
 
 def first_line(exc: BaseException) -> str:

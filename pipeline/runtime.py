@@ -1,4 +1,4 @@
-"""Process-wide set-up, made once by every entry point (stages, commands, bench) before any work."""
+"""Process set-up: what every entry point does first, the device, denormals, and stop requests."""
 
 from __future__ import annotations
 
@@ -6,8 +6,13 @@ import atexit
 import gc
 import logging
 import os
+import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
+
+from pipeline.errors import Interrupted, PipelineError
 
 # The float ops that torch hands to oneMKL's vector math (VML), from ATen/cpu/vml.h.
 MKL_VECTOR_MATH = (
@@ -41,8 +46,58 @@ def settle_mkl_vector_math() -> None:
     (pytorch/pytorch#188792). Here 24 of 260 fresh processes got such an `exp`: up to 634 ulps off,
     bit-for-bit oneMKL's AVX2 EP kernel, so they trained along another curve. With one call per
     function first: 0 of 380. One element never starts torch's worker threads, so
-    `training.flush_denormals` can still come later.
+    `flush_denormals` can still come later.
     """
     one = torch.ones(1)
     for name in MKL_VECTOR_MATH:
         getattr(torch, name)(one)
+
+
+def pick_device(name: str) -> torch.device:
+    """`train.device`: auto (CUDA when present), cpu or cuda."""
+    if name == "cuda" and not torch.cuda.is_available():
+        raise PipelineError(
+            "train.device = 'cuda' but no CUDA device is available; use auto or cpu"
+        )
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def flush_denormals() -> None:
+    """Treat subnormal floats as zero, on this thread and on the worker threads torch starts later.
+
+    Adam's running mean for pixels that are nearly always 0 decays into subnormals (over 80K values
+    after one epoch), which the CPU computes far more slowly. No digit of the lab's curve moves.
+    Worker threads copy the setting when they start, so call this before torch's first parallel
+    operation.
+    """
+    torch.set_flush_denormal(True)
+
+
+class StopRequest:
+    """Set by SIGINT or SIGTERM; the training loop calls `check()` where it can stop safely."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+
+    def __call__(self, signum: int, frame: object) -> None:
+        if self.signum is not None:  # asked twice: stop now
+            raise Interrupted(signum)
+        self.signum = signum
+
+    def check(self) -> None:
+        if self.signum is not None:
+            raise Interrupted(self.signum)
+
+
+@contextmanager
+def stop_requests() -> Iterator[StopRequest]:
+    """While the block runs, SIGINT and SIGTERM only ask it to stop at its next `check()`."""
+    request = StopRequest()
+    previous = {sig: signal.signal(sig, request) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield request
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

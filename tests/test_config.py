@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from helpers import committed_params
+from helpers.repo import committed_params
 from pipeline.config import Params, load_params, parse_params
 from pipeline.errors import ConfigError
 

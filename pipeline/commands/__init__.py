@@ -1,52 +1,41 @@
-"""`python -m pipeline <command>`: what users do with trained models.
-
-promote   move @champion to the candidate (or --version N) when it is better
-generate  draw new digits with any MLflow model URI (models:/mnist-vae@champion, runs:/...)
-score     score a folder of PNGs or a .npy file: negative ELBO and latent means per image, as CSV
-report    Markdown: params and metrics against a git revision, the lab's curve, the registry
-stack     run PostgreSQL, an S3 store and an MLflow server on 127.0.0.1 until Ctrl-C
-"""
+"""`mnist-vae <command>` (or `python -m pipeline <command>`): what people do around the pipeline."""
 
 from __future__ import annotations
 
 import argparse
+import os
+import subprocess
+import sys
+from importlib import resources
 from pathlib import Path
 
-import mlflow
 import numpy as np
 import torch
-from mlflow.exceptions import MlflowException
+import yaml
 from mlflow.tracking import MlflowClient
 from torchvision.utils import save_image
 
 from pipeline import runtime
 from pipeline.commands import scoring
 from pipeline.commands.report import render
-from pipeline.config import load_params
-from pipeline.errors import PipelineError, first_line, reports_errors
-from pipeline.tools import stack
-from pipeline.tracking import registry
-from pipeline.tracking import runs as tracking
+from pipeline.config import load_params, parse_params
+from pipeline.data.files import write_csv
+from pipeline.errors import ConfigError, PipelineError, reports_errors
+from pipeline.tools import bench as benchmark
+from pipeline.tools import stack as team_stack
+from pipeline.tracking import registry, store
 
 
 def promote(args: argparse.Namespace) -> None:
     params = load_params()
-    tracking.connect(params.mlflow.experiment)
+    store.connect(params.mlflow.experiment)
     print(registry.promote(MlflowClient(), params.registry, args.version, args.dry_run, args.force))
 
 
-def load_model(uri: str) -> mlflow.pyfunc.PyFuncModel:
-    store = tracking.tracking_uri()
-    tracking.check_reachable(store)
-    mlflow.set_tracking_uri(store)
-    try:
-        return mlflow.pyfunc.load_model(uri)
-    except (MlflowException, OSError) as exc:
-        raise PipelineError(f"cannot load model {uri} from {store}: {first_line(exc)}") from None
-
-
 def generate(args: argparse.Namespace) -> None:
-    model = load_model(args.model)
+    if args.n < 1:
+        raise PipelineError(f"-n {args.n}: ask for at least one digit")
+    model = store.load_model(args.model)
     latent_dim = int(model.metadata.metadata["latent_dim"])
     z = np.random.default_rng(args.seed).standard_normal((args.n, latent_dim)).astype(np.float32)
     images = torch.from_numpy(np.asarray(model.predict(z), dtype=np.float32))
@@ -57,13 +46,13 @@ def generate(args: argparse.Namespace) -> None:
 
 def score(args: argparse.Namespace) -> None:
     names, images = scoring.read_images(Path(args.input))
-    model = load_model(args.model)
+    model = store.load_model(args.model)
     rows = scoring.score_images(model, names, images, args.batch_size, args.samples, args.seed)
-    scoring.write_csv(Path(args.output), rows)
+    write_csv(Path(args.output), rows, list(rows[0]))
     print(f"scored {len(rows)} images from {args.input} with {args.model}: {args.output}")
 
 
-def report_markdown(args: argparse.Namespace) -> None:
+def print_report(args: argparse.Namespace) -> None:
     params = load_params()
     text, passed = render(params, args.rev)
     print(text, end="")
@@ -73,13 +62,40 @@ def report_markdown(args: argparse.Namespace) -> None:
         raise PipelineError("the training loss is outside the lab's tolerance (see the report)")
 
 
-def serve_stack(args: argparse.Namespace) -> None:
-    stack.serve(args.root, args.mlflow_port, args.s3_port, args.postgres_port)
+def preset(name: str) -> dict:
+    """A file of pipeline/presets/ as `section.key: value` overrides of params.yaml."""
+    found = resources.files("pipeline") / "presets" / f"{name}.yaml"
+    if not found.is_file():
+        raise ConfigError(f"no preset {name!r} in pipeline/presets/")
+    return yaml.safe_load(found.read_text())
+
+
+def paper(args: argparse.Namespace) -> None:
+    """Burda et al.'s protocol as a DVC experiment: the preset, then the lengths asked for."""
+    overrides = preset("burda2015") | {"train.epochs": args.epochs}
+    overrides["evaluate.iwae_samples"] = args.k
+    merged = yaml.safe_load(Path("params.yaml").read_text())
+    for key, value in overrides.items():
+        section, name = key.split(".")
+        merged[section][name] = value
+    parse_params(merged, source="params.yaml with preset burda2015")  # refuse before DVC runs
+    command = [sys.executable, "-m", "dvc", "exp", "run", "-n", args.name]
+    command += [f"-S{key}={value}" for key, value in overrides.items()]
+    print(" ".join(["dvc", *command[3:]]), flush=True)
+    sys.exit(subprocess.run(command, env=os.environ).returncode)
+
+
+def stack(args: argparse.Namespace) -> None:
+    team_stack.serve(args.root, args.mlflow_port, args.s3_port, args.postgres_port)
+
+
+def bench(args: argparse.Namespace) -> None:
+    benchmark.run(args.repeats)
 
 
 def parser() -> argparse.ArgumentParser:
-    root = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__.splitlines()[0])
-    commands = root.add_subparsers(dest="command", required=True)
+    root = argparse.ArgumentParser(prog="mnist-vae", description=__doc__.splitlines()[0])
+    commands = root.add_subparsers(dest="command", required=True, metavar="COMMAND")
     p = commands.add_parser("promote", help="move @champion to a better evaluated version")
     p.add_argument("--version", help="the version to consider (default: @candidate)")
     p.add_argument("--dry-run", action="store_true", help="print the decision, change nothing")
@@ -101,29 +117,27 @@ def parser() -> argparse.ArgumentParser:
     s.set_defaults(run=score)
     r = commands.add_parser("report", help="Markdown: this run against a git revision")
     r.add_argument("--rev", default="HEAD", help="the git revision to compare with (HEAD, main)")
-    r.add_argument(
-        "--check",
-        action="store_true",
-        help="exit 1 if the lab's curve (or the paper's row) does not hold",
-    )
-    r.set_defaults(run=report_markdown)
-    t = commands.add_parser("stack", help="a team's stack on 127.0.0.1, until Ctrl-C")
+    r.add_argument("--check", action="store_true", help="exit 1 unless the lab's curve holds")
+    r.set_defaults(run=print_report)
+    e = commands.add_parser("paper", help="Burda et al.'s protocol as a DVC experiment")
+    e.add_argument("--name", default="burda2015", help="the DVC experiment's (and run's) name")
+    e.add_argument("--epochs", type=int, default=3280, help="the paper trains 3,280")
+    e.add_argument("--k", type=int, default=5000, help="IWAE samples for the test NLL")
+    e.set_defaults(run=paper)
+    t = commands.add_parser("stack", help="PostgreSQL, S3 and MLflow on 127.0.0.1 until Ctrl-C")
     t.add_argument("--root", type=Path, default=Path(".stack"), help="its data, keys and logs")
     t.add_argument("--mlflow-port", type=int, default=5000)
     t.add_argument("--s3-port", type=int, default=8333)
     t.add_argument("--postgres-port", type=int, default=5433)
-    t.set_defaults(run=serve_stack)
+    t.set_defaults(run=stack)
+    b = commands.add_parser("bench", help="time an epoch four ways and the train stage")
+    b.add_argument("--repeats", type=int, default=5, help="rounds; each path keeps its best")
+    b.set_defaults(run=bench)
     return root
 
 
 @reports_errors
-def main() -> None:
-    args = parser().parse_args()
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
     runtime.start()
-    if getattr(args, "n", 1) < 1:
-        raise PipelineError(f"-n {args.n}: ask for at least one digit")
     args.run(args)
-
-
-if __name__ == "__main__":
-    main()

@@ -1,4 +1,4 @@
-"""`python -m pipeline report`: this workspace's run against a git revision, as Markdown.
+"""`mnist-vae report`: this workspace's run against a git revision, as Markdown.
 
 In the spirit of a CML comment on a pull request: params and metrics that changed (DVC's own
 diffs), the lab's curve beside this run's with the CI tolerance, the registry's candidate
@@ -18,9 +18,11 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from pipeline.config import Params
+from pipeline.errors import TrackingError
 from pipeline.paths import EVAL_METRICS, FIGURES, RUN_INFO, TRAIN_HISTORY, TRAIN_METRICS
 from pipeline.tracking import registry
-from pipeline.tracking import runs as tracking
+from pipeline.tracking.runs import read_run_info
+from pipeline.tracking.store import tracking_uri
 
 LAB = json.loads((Path(__file__).parent / "lab_curve.json").read_text())
 # Burda, Grosse and Salakhutdinov, "Importance Weighted Autoencoders" (ICLR 2016), Table 1:
@@ -95,15 +97,15 @@ def no_local_store(uri: str) -> bool:
 
 def run_facts() -> str:
     """Which MLflow run, on what, and how long its epochs took; what the store still has."""
-    uri = tracking.tracking_uri()
+    uri = tracking_uri()
     if no_local_store(uri):
         return "no MLflow store here"
     try:
-        run_id = tracking.read_run_info(RUN_INFO)["run_id"]
+        run_id = read_run_info(RUN_INFO)["run_id"]
         client = MlflowClient(uri)
         tags = client.get_run(run_id).data.tags
         seconds = sum(m.value for m in client.get_metric_history(run_id, "train/epoch_seconds"))
-    except (MlflowException, tracking.TrackingError, OSError):
+    except (MlflowException, TrackingError, OSError):
         return "its MLflow run is not in this store"
     return (
         f"MLflow run `{run_id}`, {tags.get('device', '?')}, torch "
@@ -112,7 +114,7 @@ def run_facts() -> str:
 
 
 def registry_section(params: Params) -> str:
-    uri = tracking.tracking_uri()
+    uri = tracking_uri()
     if no_local_store(uri):
         return "No MLflow store here: run `make repro` to train and register a model."
     client = MlflowClient(uri)

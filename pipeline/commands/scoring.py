@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import sys
 from pathlib import Path
 
@@ -10,7 +9,6 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from pipeline.data.files import atomic_path
 from pipeline.errors import PipelineError
 
 
@@ -59,10 +57,3 @@ def score_images(
             row = {"file": names[start + i], "score": float(nll)}
             rows.append(row | {f"z{d}": float(v) for d, v in enumerate(mu)})
     return rows
-
-
-def write_csv(path: Path, rows: list[dict]) -> None:
-    with atomic_path(path) as tmp, tmp.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)

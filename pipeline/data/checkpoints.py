@@ -2,7 +2,8 @@
 
 A checkpoint holds the model, the optimizer, the RNG states, the history and the run id. It is
 resumed only when it was made with the same params and training data (its fingerprint) and its
-MLflow run is still in the store; otherwise training starts over. Checkpoints are working state,
+MLflow run is still in the store (the caller says which runs it knows); otherwise training starts
+over. Checkpoints are working state,
 not DVC outputs, so they stay in torch's format, read back with `weights_only=True`.
 """
 
@@ -13,21 +14,21 @@ import io
 import json
 import os
 import sys
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
 from pipeline.config import Params
 from pipeline.data.files import atomic_path, hash_file
 from pipeline.errors import first_line
-from pipeline.tracking import runs as tracking
 from pipeline.vae.model import VAE
 from pipeline.vae.training import Epoch
 
 
-@dataclass
-class Resumed:
+class Resumed(NamedTuple):
     history: list[Epoch]  # the epochs already trained (empty when starting over)
     run_id: str | None  # the MLflow run to continue; None starts a new one
 
@@ -38,6 +39,7 @@ def fingerprint(params: Params, data_file: Path) -> str:
         "model": asdict(params.model),
         "train": asdict(params.train),
         "binarize": params.data.binarize,
+        "holdout": params.data.holdout,
     }
     digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
     return hash_file(data_file, digest).hexdigest()
@@ -100,12 +102,18 @@ def load_checkpoint(path: Path, key: str) -> dict | None:
     return state
 
 
-def resume_or_start(path: Path, key: str, model: VAE, optimizer: torch.optim.Optimizer) -> Resumed:
+def resume_or_start(
+    path: Path,
+    key: str,
+    model: VAE,
+    optimizer: torch.optim.Optimizer,
+    run_exists: Callable[[str], bool],
+) -> Resumed:
     """Load a usable checkpoint into `model`, `optimizer` and the RNGs, or start afresh."""
     state = load_checkpoint(path, key)
     if state is None:
         return Resumed([], None)
-    if tracking.run_status(state["run_id"]) is None:
+    if not run_exists(state["run_id"]):
         print(f"ignoring checkpoint {path}: its MLflow run {state['run_id']} is not in the store")
         return Resumed([], None)
     model.load_state_dict(state["model"])
@@ -114,3 +122,13 @@ def resume_or_start(path: Path, key: str, model: VAE, optimizer: torch.optim.Opt
     history = [Epoch(**row) for row in state["history"]]
     print(f"resuming after epoch {len(history)} from {path} (MLflow run {state['run_id']})")
     return Resumed(history, state["run_id"])
+
+
+def kept(history: list[Epoch], path: Path, run_id: str) -> str:
+    """What an interrupted run keeps, and how to go on."""
+    if not history:
+        return f"no epoch had finished; MLflow run {run_id} is marked KILLED"
+    return (
+        f"epochs 1-{len(history)} are kept in {path} and MLflow run {run_id} is marked "
+        "KILLED: run the same command again to resume"
+    )

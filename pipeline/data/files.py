@@ -3,6 +3,7 @@ and tensors in safetensors (the same values give the same bytes; loading runs no
 
 from __future__ import annotations
 
+import csv
 import errno
 import json
 import os
@@ -16,13 +17,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 
-from pipeline.errors import PipelineError, first_line
+from pipeline.errors import StaleOutputError, first_line
 
 METADATA_KEY = "pipeline"  # safetensors' metadata is a map of strings; ours is one JSON string
-
-
-class StaleOutputError(PipelineError):
-    """An output that is missing, damaged, or in a format this version no longer writes."""
 
 
 @contextmanager
@@ -55,6 +52,20 @@ def hash_file(path: Path | str, digest: Any) -> Any:
 def write_json(path: Path | str, data: Any) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def write_csv(path: Path | str, rows: list[dict], fields: list[str] | tuple[str, ...]) -> None:
+    """Rows as CSV with the columns `fields` (other keys of a row are left out), atomically."""
+    with atomic_path(path) as tmp, tmp.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def read_csv_numbers(path: Path | str) -> list[dict[str, float]]:
+    """The rows of a CSV file of numbers, as floats."""
+    with Path(path).open() as f:
+        return [{key: float(value) for key, value in row.items()} for row in csv.DictReader(f)]
 
 
 def write_tensors(path: Path | str, tensors: dict[str, torch.Tensor], metadata: dict) -> None:

@@ -1,4 +1,4 @@
-"""MNIST on disk: IDX files, the sources they come from, checksums, and the processed tensors."""
+"""MNIST's four IDX files: the sources they come from, their checksums, and the IDX format."""
 
 from __future__ import annotations
 
@@ -19,19 +19,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from pipeline.data.files import read_tensors, write_tensors
-from pipeline.errors import PipelineError
+from pipeline.errors import DataError
 
 # The canonical digests and the package-registry mirror (a copy of the lab's reference file).
 REFERENCE = json.loads((Path(__file__).parent / "mnist.json").read_text())
 FILES: dict[str, dict] = REFERENCE["files"]
 MIRROR: dict = REFERENCE["sources"]["package_registry_mirror"]
-
-
-class DataError(PipelineError):
-    """A missing, corrupt or unobtainable data file."""
 
 
 def raw_dir(raw_root: Path) -> Path:
@@ -226,24 +220,3 @@ def download_mnist(raw_root: Path, source: str = "auto", local_dir: str = "") ->
         + "; ".join(failures)
         + ". Set data.source to a folder holding the four IDX files (gz or not)"
     )
-
-
-# --- Processed tensors: uint8 on disk, float32 in [0, 1] when loaded ----------------------------
-
-
-def save_split(path: Path, images: torch.Tensor, labels: torch.Tensor) -> None:
-    tensors = {"images": images.to(torch.uint8), "labels": labels.to(torch.int64)}
-    write_tensors(path, tensors, {"images": "uint8 pixels 0-255", "labels": "digit 0-9"})
-
-
-def load_split(path: Path, device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
-    """Images as float32 (n, 784) in [0, 1] (the handout's x / 255) and int64 labels."""
-    tensors, _ = read_tensors(path, "dvc repro preprocess")
-    images = tensors["images"].to(device)
-    return images.reshape(len(images), -1).float() / 255.0, tensors["labels"].to(device)
-
-
-def binarize_once(images: torch.Tensor, seed: int) -> torch.Tensor:
-    """A fixed Bernoulli(pixel) sample: the binarised test set of dynamic binarisation."""
-    generator = torch.Generator(images.device).manual_seed(seed)
-    return torch.bernoulli(images, generator=generator)

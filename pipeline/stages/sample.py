@@ -2,36 +2,26 @@
 
 from __future__ import annotations
 
-import csv
-
-import mlflow
-
 from pipeline import runtime
 from pipeline.config import Params, load_params
-from pipeline.data.files import atomic_path
-from pipeline.data.mnist import load_split
+from pipeline.data.files import atomic_path, read_csv_numbers
+from pipeline.data.splits import load_split
+from pipeline.data.weights import load_vae
 from pipeline.errors import reports_errors
 from pipeline.paths import FIGURES, RUN_INFO, TEST_SPLIT, TRAIN_HISTORY, WEIGHTS
-from pipeline.tracking import runs as tracking
+from pipeline.tracking import runs
 from pipeline.vae.figures import draw_all
-from pipeline.vae.model import load_vae
-
-
-def read_history() -> list[dict]:
-    with TRAIN_HISTORY.open() as f:
-        return [{key: float(value) for key, value in row.items()} for row in csv.DictReader(f)]
 
 
 def run_sampling(params: Params) -> list[str]:
     model = load_vae(WEIGHTS)
     images, labels = load_split(TEST_SPLIT)
-    drawn = draw_all(model, images, labels, read_history(), params.sample)
+    drawn = draw_all(model, images, labels, read_csv_numbers(TRAIN_HISTORY), params.sample)
     for name, fig in drawn.items():
         with atomic_path(FIGURES / f"{name}.png") as tmp:
             fig.savefig(tmp, format="png", dpi=100)
-    with tracking.attached_run(params.mlflow.experiment, RUN_INFO):
-        for name in drawn:
-            mlflow.log_artifact(str(FIGURES / f"{name}.png"), "figures")
+    with runs.attached_run(params.mlflow.experiment, RUN_INFO):
+        runs.log_figures(FIGURES / f"{name}.png" for name in drawn)
     return list(drawn)
 
 

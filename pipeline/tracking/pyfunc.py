@@ -8,14 +8,18 @@
 - score: images -> the negative ELBO of each image in nats, averaged over `samples` draws of z
   seeded with `seed`, so a score is repeatable: high for images unlike MNIST digits.
 
-The model is logged from code (`pipeline/mlflow_model.py`, no pickle) with this package as its
-code and the weights as a safetensors artifact, so loading it needs neither this repository nor
-an unverified pickle.
+The model is logged from code (`model_code.py`, no pickle) with this package as its code and the
+weights as a safetensors artifact, so loading it needs neither this repository nor an unverified
+pickle.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import mlflow
 import numpy as np
+import safetensors
 import torch
 from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
@@ -23,7 +27,8 @@ from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.pyfunc import PythonModel
 from mlflow.types import ParamSchema, ParamSpec, Schema, TensorSpec
 
-from pipeline.vae.model import IMAGE_DIM, VAE, load_vae, loss_terms
+from pipeline.data.weights import load_vae
+from pipeline.vae.model import IMAGE_DIM, VAE, loss_terms
 
 METHODS = ("decode", "encode", "reconstruct", "score")
 PARAMS = ParamSchema(
@@ -96,3 +101,28 @@ class VAEModel(PythonModel):
 
     def predict(self, context, model_input: np.ndarray, params: dict | None = None) -> np.ndarray:
         return run_method(self.model, model_input, params or {})
+
+
+def log_vae_model(weights: Path, latent_dim: int) -> None:
+    """Log the whole VAE as the run's MLflow model: decode, encode, reconstruct and score.
+
+    Logged from code with this package as its code and the weights in safetensors: loading it
+    unpickles nothing and needs nothing from this repository.
+    """
+    package = Path(__file__).resolve().parent.parent
+    example = np.random.default_rng(0).standard_normal((2, latent_dim)).astype(np.float32)
+    mlflow.pyfunc.log_model(
+        name="model",
+        python_model=str(package / "tracking" / "model_code.py"),
+        artifacts={"weights": str(weights)},
+        code_paths=[str(package)],
+        signature=signature(),
+        input_example=(example, {"method": "decode"}),
+        metadata={"latent_dim": latent_dim, "image_dim": 784, "methods": list(METHODS)},
+        # Declared, not inferred: inference loads the model in a subprocess (seconds).
+        pip_requirements=[
+            f"torch=={torch.__version__.split('+')[0]}",
+            f"safetensors=={safetensors.__version__}",
+            f"numpy=={np.__version__}",
+        ],
+    )

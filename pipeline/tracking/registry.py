@@ -9,22 +9,40 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from pipeline.config import Params, RegistryConfig
-from pipeline.errors import PipelineError
-from pipeline.tracking import pyfunc as serving
-from pipeline.tracking.runs import git_tags
+from pipeline.errors import ConfigError, RegistryError
+from pipeline.tracking.provenance import file_digest, git_tags
+from pipeline.tracking.pyfunc import DESCRIPTION
+from pipeline.vae.evaluation import SCALAR_METRICS
 
 CANDIDATE, CHAMPION = "candidate", "champion"
 HEADLINE = ("test_loss", "log_px_iwae")  # in a version's description
 
 
-class RegistryError(PipelineError):
-    pass
+def check_metric(cfg: RegistryConfig) -> None:
+    """`registry.metric` must be one of the numbers evaluate writes."""
+    if cfg.metric not in SCALAR_METRICS:
+        raise ConfigError(
+            f"registry.metric = {cfg.metric!r} is not an evaluate metric; "
+            f"use one of: {', '.join(SCALAR_METRICS)}"
+        )
+
+
+def comparison_basis(params: Params, test_file: Path) -> dict[str, str]:
+    """What makes two evaluations comparable: the same test images, pixels and estimators."""
+    binarize = params.data.binarize
+    pixels = f"dynamic, seed {params.data.binarize_seed}" if binarize == "dynamic" else "grey"
+    return {
+        "eval.test_data": file_digest(test_file),
+        "eval.pixels": pixels,
+        "eval.metrics": f"negative ELBO (1 sample); IWAE k = {params.evaluate.iwae_samples}",
+    }
 
 
 def params_hash(params: dict) -> str:
@@ -38,7 +56,7 @@ def register(
     try:
         client.get_registered_model(name)
     except MlflowException:
-        client.create_registered_model(name, description=serving.DESCRIPTION)
+        client.create_registered_model(name, description=DESCRIPTION)
     existing = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
     if existing:
         version = existing[0]
@@ -50,7 +68,7 @@ def register(
             source=f"models:/{model_id}",
             run_id=run_id,
             model_id=model_id,
-            description=f"Trained in run {run_id}; {summary}. {serving.DESCRIPTION}",
+            description=f"Trained in run {run_id}; {summary}. {DESCRIPTION}",
         )
     numbers = {f"metric.{k}": str(v) for k, v in metrics.items() if isinstance(v, int | float)}
     for key, value in {**numbers, **tags, "evaluated": "true"}.items():

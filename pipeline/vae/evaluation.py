@@ -16,6 +16,7 @@ from pipeline.vae.model import VAE, kl_per_dimension, loss_terms, reconstruction
 SCALAR_METRICS = (
     "test_loss", "test_recon", "test_kl", "log_px_iwae", "log_px_iwae_se", "active_units",
 )  # fmt: skip
+BREAKDOWNS = ("kl_per_dim", "activity_per_dim", "loss_per_class")  # per unit and per digit
 ROWS_PER_CHUNK = 32768  # decoder rows (samples x images) per pass: ~100 MB of logits
 
 

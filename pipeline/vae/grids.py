@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from pipeline.vae.model import VAE
 
+GRID_SIZE, SHOWN_DIGITS = 64, 8  # generated and reconstructed digits in the run, each step
 PAD = 2  # white pixels around every digit, as torchvision's make_grid(padding=2, pad_value=1)
 
 
@@ -32,6 +33,13 @@ def digit_grid(images: torch.Tensor, nrow: int, scale: int = 1) -> np.ndarray:
     grid = grid.repeat_interleave(scale, dim=0).repeat_interleave(scale, dim=1)
     grey = (grid.clamp(0, 1) * 255).round().to(torch.uint8)
     return grey.unsqueeze(-1).repeat(1, 1, 3).numpy()
+
+
+def fixed_latents(latent_dim: int, seed: int, device: torch.device) -> torch.Tensor:
+    """The latent vectors the run decodes at every step, from a generator of their own (training's
+    random numbers are untouched)."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(GRID_SIZE, latent_dim, generator=generator).to(device)
 
 
 @torch.no_grad()

@@ -15,8 +15,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.data.files import read_tensors, write_tensors
-
 IMAGE_DIM = 28 * 28
 ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh}
 
@@ -96,19 +94,3 @@ def init_output_bias(model: VAE, pixel_means: torch.Tensor) -> None:
     clipped to [0.001, 0.999] as in Burda et al.'s code."""
     with torch.no_grad():
         model.decoder[-1].bias.copy_(torch.logit(pixel_means.clamp(0.001, 0.999)))
-
-
-def save_vae(model: VAE, path) -> None:
-    """The weights plus the sizes that rebuild the network, in safetensors."""
-    sizes = {"hidden_dim": model.hidden_dim, "latent_dim": model.latent_dim}
-    sizes |= {"hidden_layers": model.hidden_layers, "activation": model.activation}
-    write_tensors(path, model.state_dict(), sizes)
-
-
-def load_vae(path, device: str | torch.device = "cpu") -> VAE:
-    state, sizes = read_tensors(path, "dvc repro train", device)
-    # Files written before the network had these parameters hold the handout's one relu layer.
-    shape = {"hidden_layers": 1, "activation": "relu"} | sizes
-    model = VAE(**shape).to(device)
-    model.load_state_dict(state)
-    return model.eval()

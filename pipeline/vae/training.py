@@ -10,16 +10,14 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, fields
+from datetime import timedelta
 
 import torch
 from tqdm import tqdm
 
-from pipeline.errors import PipelineError, StopRequest
+from pipeline.errors import NonFiniteLoss
+from pipeline.runtime import StopRequest
 from pipeline.vae.model import VAE, loss_terms
-
-
-class NonFiniteLoss(PipelineError):
-    pass
 
 
 @dataclass
@@ -45,30 +43,18 @@ class Epoch:
         )
 
 
+def time_left(history: list[Epoch], first_new: int, epochs: int) -> str:
+    """ ", H:MM:SS left" at the mean pace of the epochs this process trained; "" after the last."""
+    done, remaining = history[first_new:], epochs - history[-1].epoch
+    if not remaining:
+        return ""
+    seconds = sum(row.seconds for row in done) / len(done) * remaining
+    return f", {timedelta(seconds=round(seconds))} left"
+
+
 # The columns of plots/train_history.csv: results only. Seconds differ on every run, so they go to
 # MLflow, not into a file that git tracks; so does the learning rate, which params.yaml sets.
 HISTORY_FIELDS = tuple(f.name for f in fields(Epoch) if f.name not in ("seconds", "lr"))
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise PipelineError(
-            "train.device = 'cuda' but no CUDA device is available; use auto or cpu"
-        )
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
-
-
-def flush_denormals() -> None:
-    """Treat subnormal floats as zero, on this thread and on the worker threads torch starts later.
-
-    Adam's running mean for pixels that are nearly always 0 decays into subnormals (over 80K values
-    after one epoch), which the CPU computes far more slowly: epochs grew from 1.4 s to 1.7 s, and
-    stay at 1.35 s with this. No digit of the lab's curve moved. Worker threads copy the setting
-    when they start, so call this before torch's first parallel operation.
-    """
-    torch.set_flush_denormal(True)
 
 
 def make_optimizer(
@@ -78,8 +64,7 @@ def make_optimizer(
     eps: float = 1e-8,
     v0: float = 0.0,
 ) -> torch.optim.Optimizer:
-    """Adam, as the lab; fused: one kernel per step instead of a Python loop over parameters
-    (0.7 s of a 2 s epoch on 2 CPU cores).
+    """Adam, as the lab; fused: one kernel per step instead of a Python loop over the parameters.
 
     `v0` is where the second-moment estimate starts: 0 in Adam, 1 in Burda et al.'s code, which
     keeps the first steps small. Adam only fills a parameter's state when it has none, so a

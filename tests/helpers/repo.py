@@ -1,4 +1,4 @@
-"""Helpers for the slow tests: copies of the repository, DVC and servers in subprocesses."""
+"""Copies of the repository, git, DVC, MLflow stores and servers in subprocesses."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
-from pipeline.tools.stack import stop
+from pipeline.tools.servers import stop
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 GIT = ["git", "-c", "user.name=test", "-c", "user.email=test@localhost"]
 FIGURE_NAMES = {
     "generated",

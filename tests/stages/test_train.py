@@ -1,3 +1,7 @@
+"""The train stage: every epoch in MLflow, identical reruns, resuming, failures in one line."""
+
+from __future__ import annotations
+
 import json
 import shutil
 import signal
@@ -14,10 +18,14 @@ import torch
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from helpers import grid_steps, store
+from helpers.repo import grid_steps, store
+from pipeline import runtime
 from pipeline.config import load_params
-from pipeline.data.mnist import REFERENCE, load_split
-from pipeline.errors import PipelineError
+from pipeline.data import splits
+from pipeline.data.mnist import REFERENCE
+from pipeline.data.splits import load_split
+from pipeline.data.weights import load_vae
+from pipeline.errors import PipelineError, TrackingError
 from pipeline.paths import (
     CHECKPOINT,
     RUN_INFO,
@@ -27,9 +35,22 @@ from pipeline.paths import (
     WEIGHTS,
 )
 from pipeline.stages import train as train_stage
-from pipeline.tracking.runs import TrackingError
+from pipeline.tracking import runs
 from pipeline.vae import training
-from pipeline.vae.model import load_vae
+
+
+def test_train_twice_gives_identical_weights_history_and_metrics(workdir: Path, set_params) -> None:
+    set_params(workdir, train={"epochs": 2})
+    outputs = []
+    for _ in range(2):
+        torch.set_num_threads(1)
+        train_stage.train(load_params())
+        outputs.append([path.read_bytes() for path in (WEIGHTS, TRAIN_HISTORY, TRAIN_METRICS)])
+    assert outputs[0] == outputs[1]
+    header = TRAIN_HISTORY.read_text().splitlines()[0]
+    assert "seconds" not in header  # timings vary run to run: they belong to MLflow
+    assert json.loads(TRAIN_METRICS.read_text())["epochs"] == 2
+
 
 METRICS = (
     "train/loss",
@@ -157,20 +178,20 @@ def test_resume_after_a_crash_ends_where_an_uninterrupted_run_ends(
     uninterrupted = run_train()
     uninterrupted_weights = WEIGHTS.read_bytes()
 
-    log_epoch = train_stage.log_epoch
+    log_epoch = runs.log_epoch
 
     def crash_after_epoch_2(row, *args):
-        if row.epoch == 2:
+        if row["epoch"] == 2:
             raise Crash  # after epoch 2's checkpoint, before its metrics reach MLflow
         log_epoch(row, *args)
 
-    monkeypatch.setattr(train_stage, "log_epoch", crash_after_epoch_2)
+    monkeypatch.setattr(runs, "log_epoch", crash_after_epoch_2)
     with pytest.raises(Crash):
         run_train()
     assert torch.load(CHECKPOINT, weights_only=True)["epoch"] == 2
     crashed_run = torch.load(CHECKPOINT, weights_only=True)["run_id"]
 
-    monkeypatch.setattr(train_stage, "log_epoch", log_epoch)
+    monkeypatch.setattr(runs, "log_epoch", log_epoch)
     resumed = run_train()
     assert resumed == uninterrupted
     assert WEIGHTS.read_bytes() == uninterrupted_weights  # the same weights, byte for byte
@@ -182,12 +203,12 @@ def test_resume_after_a_crash_ends_where_an_uninterrupted_run_ends(
 def test_a_stale_checkpoint_of_other_params_is_not_resumed(
     workdir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, set_params
 ) -> None:
-    log_epoch = train_stage.log_epoch
-    monkeypatch.setattr(train_stage, "log_epoch", lambda row, *a: (_ for _ in ()).throw(Crash))
+    log_epoch = runs.log_epoch
+    monkeypatch.setattr(runs, "log_epoch", lambda row, *a: (_ for _ in ()).throw(Crash))
     with pytest.raises(Crash):
         run_train()
     crashed_run = torch.load(CHECKPOINT, weights_only=True)["run_id"]
-    monkeypatch.setattr(train_stage, "log_epoch", log_epoch)
+    monkeypatch.setattr(runs, "log_epoch", log_epoch)
     set_params(workdir, train={"lr": 0.002})
     resumed = run_train()
     assert "ignoring checkpoint" in capsys.readouterr().err
@@ -298,39 +319,17 @@ def test_an_unreachable_tracking_server_fails_fast_before_training(
     assert not CHECKPOINT.exists() and not WEIGHTS.exists()
 
 
-def test_flush_denormals_reaches_the_worker_threads_torch_starts_later() -> None:
-    # A fresh process: the flag belongs to each thread, and this process's workers already run.
-    probe = (
-        "import torch\n"
-        "from pipeline.vae.training import flush_denormals\n"
-        "torch.set_num_threads(2)\n"
-        "flush_denormals()\n"
-        "x = torch.full((1 << 20,), 1e-30) * 1e-10\n"  # 1e-40, subnormal unless flushed
-        "print(int(x.count_nonzero()))\n"
-    )
-    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.split()[-1] == "0"
-
-
 def test_training_flushes_subnormals_before_it_loads_any_data(
     workdir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     calls = []
-    load_split = train_stage.load_split
-    monkeypatch.setattr(train_stage, "flush_denormals", lambda: calls.append("flush"))
+    load_split = splits.load_split
+    monkeypatch.setattr(runtime, "flush_denormals", lambda: calls.append("flush"))
     monkeypatch.setattr(
-        train_stage, "load_split", lambda *args: calls.append("load") or load_split(*args)
+        splits, "load_split", lambda *args: calls.append("load") or load_split(*args)
     )
     run_train()
     assert calls[:2] == ["flush", "load"]
-
-
-def test_cuda_requested_without_a_gpu_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(PipelineError, match="train.device = 'cuda' but no CUDA device"):
-        training.pick_device("cuda")
-    assert training.pick_device("auto") == torch.device("cpu")
 
 
 def train_process(cwd: Path) -> subprocess.Popen:
@@ -375,30 +374,11 @@ def test_a_checkpoint_whose_mlflow_run_is_gone_is_not_resumed(
     workdir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, mlflow_template
 ) -> None:
     fresh = run_train()
-    log_epoch = train_stage.log_epoch
-    monkeypatch.setattr(train_stage, "log_epoch", lambda row, *a, **k: (_ for _ in ()).throw(Crash))
+    log_epoch = runs.log_epoch
+    monkeypatch.setattr(runs, "log_epoch", lambda row, *a, **k: (_ for _ in ()).throw(Crash))
     with pytest.raises(Crash):
         run_train()
-    monkeypatch.setattr(train_stage, "log_epoch", log_epoch)
+    monkeypatch.setattr(runs, "log_epoch", log_epoch)
     shutil.copy(mlflow_template, workdir / "mlflow.db")  # the store was replaced meanwhile
     assert run_train() == fresh
     assert "its MLflow run" in capsys.readouterr().out
-
-
-def test_git_dirty_ignores_the_files_dvc_rewrites(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    from helpers import git_commit
-    from pipeline.tracking.runs import git_tags
-
-    for name in ("dvc.lock", "metrics/train.json", "plots/history.csv", "pipeline/model.py"):
-        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / name).write_text("committed\n")
-    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
-    git_commit(tmp_path, "a clean clone")
-    monkeypatch.chdir(tmp_path)
-    for name in ("dvc.lock", "metrics/train.json", "plots/history.csv"):
-        (tmp_path / name).write_text("rewritten by dvc repro\n")
-    assert git_tags()["git.dirty"] == "false"
-    (tmp_path / "pipeline/model.py").write_text("edited\n")
-    assert git_tags()["git.dirty"] == "true"

@@ -1,15 +1,57 @@
+"""The registry: versions, @candidate and @champion, like-for-like promotion."""
+
+import json
 import shutil
 from pathlib import Path
 
 import mlflow
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 
-from pipeline.config import RegistryConfig
+from pipeline.config import RegistryConfig, load_params
+from pipeline.data.weights import save_vae
+from pipeline.errors import RegistryError
+from pipeline.paths import RUN_INFO
+from pipeline.stages import train as train_stage
+from pipeline.stages.evaluate import run_evaluation
 from pipeline.tracking import registry
-from pipeline.tracking.registry import RegistryError
-from pipeline.tracking.runs import log_vae_model
-from pipeline.vae.model import VAE, save_vae
+from pipeline.tracking.pyfunc import log_vae_model
+from pipeline.vae.model import VAE
+
+
+def train_tiny() -> str:
+    torch.set_num_threads(1)
+    train_stage.train(load_params())
+    return json.loads(RUN_INFO.read_text())["run_id"]
+
+
+def run_evaluation_after_training() -> dict:
+    train_tiny()
+    return run_evaluation(load_params())
+
+
+def test_promote_refuses_a_candidate_evaluated_unlike_the_champion(
+    workdir: Path, set_params
+) -> None:
+    from pipeline.errors import RegistryError
+    from pipeline.tracking import registry
+
+    run_evaluation_after_training()  # grey levels: the champion
+    set_params(workdir, data={"binarize": "dynamic"})
+    run_evaluation_after_training()  # binarised: the candidate, easier to score
+    client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+    cfg = load_params().registry
+    with pytest.raises(RegistryError) as refused:
+        registry.promote(client, cfg, dry_run=True)
+    assert str(refused.value).startswith(
+        "v2 and champion v1 were evaluated differently (pixels 'dynamic, seed 0' vs 'grey'): "
+        "their test_loss cannot be compared."
+    )
+    forced = registry.promote(client, cfg, force=True)
+    assert forced.startswith("promote v2 to @champion: forced; test_loss")
+    assert str(client.get_model_version_by_alias("mnist-vae", "champion").version) == "2"
+
 
 CONFIG = RegistryConfig(
     model_name="vae", metric="test_loss", direction="minimize", min_improvement=0.5

@@ -1,4 +1,4 @@
-"""The training step on its own: tensors in, no MLflow, no files (fast, and the mutants' target)."""
+"""The training loop: batches, steps, binarisation, the test loss, stop requests, the schedule."""
 
 from __future__ import annotations
 
@@ -8,10 +8,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from pipeline.errors import Interrupted, PipelineError, StopRequest
+from pipeline.errors import Interrupted, NonFiniteLoss
+from pipeline.runtime import StopRequest
 from pipeline.vae import training
 from pipeline.vae.model import VAE, loss_terms
-from pipeline.vae.training import NonFiniteLoss, evaluate_loss, fit, make_optimizer, train_epoch
+from pipeline.vae.training import evaluate_loss, fit, make_optimizer, train_epoch
 
 
 def tiny_setup(n: int = 40, seed: int = 0) -> tuple[VAE, torch.optim.Optimizer, torch.Tensor]:
@@ -155,28 +156,6 @@ def test_fit_stops_before_the_next_batch_when_asked() -> None:
         next(fit(model, optimizer, images, images, first_epoch=1, epochs=2, batch_size=16,
                  binarize=False, stop=stop))  # fmt: skip
     assert stopped.value.exit_code == 128 + signal.SIGTERM
-
-
-def test_the_device_is_cuda_only_when_asked_and_present(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert training.pick_device("auto") == torch.device("cuda")
-    assert training.pick_device("cpu") == torch.device("cpu")
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert training.pick_device("auto") == torch.device("cpu")
-    with pytest.raises(PipelineError) as refused:
-        training.pick_device("cuda")
-    assert str(refused.value) == (
-        "train.device = 'cuda' but no CUDA device is available; use auto or cpu"
-    )
-
-
-def test_flush_denormals_treats_subnormals_as_zero() -> None:
-    try:
-        training.flush_denormals()
-        assert (torch.full((4,), 1e-30) * 1e-10).count_nonzero() == 0  # 1e-40 is subnormal
-    finally:
-        torch.set_flush_denormal(False)
-    assert (torch.full((4,), 1e-30) * 1e-10).count_nonzero() == 4
 
 
 def test_burdas_schedule_has_eight_stages_of_3_to_the_i_epochs_at_the_codes_rates() -> None:

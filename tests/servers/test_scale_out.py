@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
-from helpers import (
+from helpers.repo import (
     dvc,
     git_commit,
     grid_steps,
@@ -27,7 +27,7 @@ from helpers import (
 from pipeline.config import load_params
 from pipeline.paths import EVAL_METRICS, FIGURES, RUN_INFO, TRAIN_SPLIT, WEIGHTS
 from pipeline.stages import train as train_stage
-from pipeline.tools.stack import free_port
+from pipeline.tools.servers import free_port
 
 pytestmark = pytest.mark.slow
 

@@ -1,3 +1,5 @@
+"""MNIST's IDX files: the format, checksums, sources, and the restricted unpickler."""
+
 import gzip
 import os
 import pickle
@@ -5,10 +7,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from pipeline.data import mnist as data
-from pipeline.data.mnist import DataError
+from pipeline.errors import DataError
 
 
 def test_idx_round_trip(tmp_path: Path) -> None:
@@ -133,15 +134,6 @@ def test_verified_files_need_no_network(
 def test_unknown_source_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="data.source = 'nowhere' is neither"):
         data.download_mnist(tmp_path / "raw", source="nowhere")
-
-
-def test_load_split_scales_to_unit_interval(tmp_path: Path) -> None:
-    images = torch.tensor([[[0, 255], [51, 102]]], dtype=torch.uint8)
-    data.save_split(tmp_path / "s.safetensors", images, torch.tensor([7]))
-    x, y = data.load_split(tmp_path / "s.safetensors")
-    assert x.dtype == torch.float32 and x.shape == (1, 4)
-    assert torch.allclose(x, torch.tensor([[0.0, 1.0, 0.2, 0.4]]))
-    assert y.tolist() == [7]
 
 
 @pytest.mark.slow

@@ -1,4 +1,4 @@
-"""The whole VAE from one MLflow model URI: the four methods, batch scoring, any folder."""
+"""The whole VAE as an MLflow pyfunc model: four methods from one URI, and `mnist-vae score`."""
 
 from __future__ import annotations
 
@@ -14,18 +14,19 @@ import mlflow
 import numpy as np
 import pytest
 import torch
-from conftest import make_workdir, write_params
 from mlflow.exceptions import MlflowException
 from PIL import Image
 
-from helpers import environment
+from helpers.repo import environment
+from helpers.workdir import make_workdir, write_params
 from pipeline import __main__ as cli
 from pipeline.config import load_params
-from pipeline.data.mnist import load_split
+from pipeline.data.splits import load_split
+from pipeline.data.weights import load_vae
 from pipeline.paths import RUN_INFO, TEST_SPLIT, WEIGHTS
 from pipeline.stages import train as train_stage
 from pipeline.stages.evaluate import run_evaluation
-from pipeline.vae.model import load_vae, loss_terms
+from pipeline.vae.model import loss_terms
 
 
 @pytest.fixture(scope="module")

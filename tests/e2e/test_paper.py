@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from helpers import environment, git_commit, store
+from helpers.repo import environment, git_commit, store
+from pipeline.data.weights import load_vae
 from pipeline.paths import EVAL_METRICS, TRAIN_METRICS, WEIGHTS
-from pipeline.vae.model import load_vae
 
 pytestmark = pytest.mark.slow
 

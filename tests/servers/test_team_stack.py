@@ -17,7 +17,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from helpers import dvc, git_commit, grid_steps, python_m
+from helpers.repo import dvc, git_commit, grid_steps, python_m
 from pipeline.paths import EVAL_METRICS, FIGURES, RUN_INFO, TRAIN_SPLIT, WEIGHTS
 from pipeline.tools.stack import ARTIFACTS, Stack, running_stack
 

@@ -14,8 +14,8 @@ import pytest
 import yaml
 from PIL import Image
 
-import helpers
-from helpers import (
+from helpers import repo as helpers
+from helpers.repo import (
     FIGURE_NAMES,
     dvc,
     grid_steps,
@@ -36,9 +36,9 @@ from pipeline.paths import (
     TRAIN_HISTORY,
     TRAIN_SPLIT,
 )
-from pipeline.tools.stack import free_port
+from pipeline.tools.servers import free_port
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.slow
 

@@ -1,0 +1,110 @@
+"""The MLflow store: which one (a local SQLite file or a server), whether it answers, and one-line
+errors when it cannot be used."""
+
+from __future__ import annotations
+
+import os
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import mlflow
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from pipeline.errors import TrackingError, first_line
+
+SERVER_TIMEOUT_S = 10  # connect + read; well inside the 30 s the user is promised
+
+
+def store_root(cwd: Path | None = None) -> Path:
+    """The repository that owns the default MLflow store.
+
+    `dvc exp run --queue` runs stages in copies under <repo>/.dvc/tmp/exps/; their runs must land
+    in <repo>'s store, not in the copy that is deleted afterwards.
+    """
+    root = (cwd or Path.cwd()).resolve()
+    if ".dvc" in root.parts:
+        root = Path(*root.parts[: root.parts.index(".dvc")])
+    return root
+
+
+def tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{store_root() / 'mlflow.db'}"
+
+
+def check_reachable(uri: str) -> None:
+    """Fail in one line, within SERVER_TIMEOUT_S, when a tracking server does not answer."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=SERVER_TIMEOUT_S).close()
+    except (OSError, urllib.error.URLError) as exc:  # refused, unknown host, timeout, HTTP error
+        reason = getattr(exc, "reason", None) or exc
+        if isinstance(reason, TimeoutError):
+            reason = f"no answer within {SERVER_TIMEOUT_S} s"
+        elif isinstance(reason, Exception):
+            reason = str(reason) or type(reason).__name__
+        raise TrackingError(
+            f"MLflow tracking server {uri} did not answer ({reason}); start it, or unset "
+            "MLFLOW_TRACKING_URI to use the local store"
+        ) from None
+
+
+def connect(experiment: str) -> str:
+    """Point MLflow at the store, check that it answers, and return the experiment's id."""
+    uri = tracking_uri()
+    check_reachable(uri)
+    mlflow.set_tracking_uri(uri)
+    try:
+        found = mlflow.get_experiment_by_name(experiment)
+    except Exception as exc:  # SQLAlchemy's or MLflow's: the store itself is unusable
+        raise store_error(uri, exc) from None
+    if found is not None:
+        return found.experiment_id
+    # Only the default local store gets an explicit artifact folder; a server decides its own.
+    location = None if "MLFLOW_TRACKING_URI" in os.environ else (store_root() / "mlruns").as_uri()
+    try:
+        return mlflow.create_experiment(experiment, artifact_location=location)
+    except MlflowException:  # created meanwhile by a parallel experiment
+        return mlflow.get_experiment_by_name(experiment).experiment_id
+
+
+def store_error(uri: str, exc: Exception) -> TrackingError:
+    """One line for a store that cannot be opened: not a database, locked, or refusing."""
+    text = str(exc)
+    if "database is locked" in text:
+        return TrackingError(
+            f"the MLflow store {uri} is locked by another process; wait for it to finish, "
+            "or use a tracking server (MLFLOW_TRACKING_URI) for parallel runs"
+        )
+    if "file is not a database" in text or "no such table" in text:
+        path = uri.removeprefix("sqlite:///")
+        return TrackingError(
+            f"{path} is not an MLflow database; move it away (a new store is created on the next "
+            "run) or set MLFLOW_TRACKING_URI to your store"
+        )
+    return TrackingError(f"the MLflow store {uri} cannot be used ({first_line(exc)[:200]})")
+
+
+def run_status(run_id: str) -> str | None:
+    """The run's status (FINISHED, KILLED, ...), or None when the store does not have it."""
+    try:
+        return MlflowClient().get_run(run_id).info.status
+    except MlflowException:
+        return None
+
+
+def has_run(run_id: str) -> bool:
+    return run_status(run_id) is not None
+
+
+def load_model(uri: str) -> mlflow.pyfunc.PyFuncModel:
+    """A logged or registered model (`models:/mnist-vae@champion`, `runs:/...`) from the store."""
+    store = tracking_uri()
+    check_reachable(store)
+    mlflow.set_tracking_uri(store)
+    try:
+        return mlflow.pyfunc.load_model(uri)
+    except (MlflowException, OSError) as exc:
+        raise TrackingError(f"cannot load model {uri} from {store}: {first_line(exc)}") from None

@@ -1,0 +1,2 @@
+"""What the tests share: copies of the repository and subprocesses (`repo`), tiny data and
+working folders (`workdir`)."""

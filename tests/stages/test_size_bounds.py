@@ -1,0 +1,63 @@
+"""Every size bound of params.yaml runs through every stage."""
+
+import math
+from pathlib import Path
+
+import pytest
+
+from helpers.repo import FIGURE_NAMES
+from pipeline.config import load_params
+from pipeline.stages import train as train_stage
+from pipeline.stages.evaluate import run_evaluation
+from pipeline.stages.sample import run_sampling
+
+
+def size_bounds(bound: str) -> dict[str, dict[str, int]]:
+    """Every bounded size in config.py at its smallest or largest accepted value (epochs: 1)."""
+    import dataclasses
+    import typing
+
+    from pipeline.config import Params
+
+    chosen = {}
+    for section, kind in typing.get_type_hints(Params).items():
+        for f in dataclasses.fields(kind):
+            if f.metadata.get("at_most") is not None and f.name != "epochs":
+                value = f.metadata["at_least"] if bound == "smallest" else f.metadata["at_most"]
+                chosen.setdefault(section, {})[f.name] = value
+    chosen["train"]["epochs"] = 1
+    return chosen
+
+
+@pytest.mark.parametrize(
+    "bound",
+    ["smallest", pytest.param("largest", marks=pytest.mark.slow)],  # largest: ~35 s
+)
+def test_every_size_bound_config_accepts_runs_through_every_stage(
+    workdir: Path, set_params, bound: str
+) -> None:
+    import yaml
+
+    from pipeline.config import parse_params
+    from pipeline.errors import ConfigError
+
+    bounds = size_bounds(bound)
+    assert {key for values in bounds.values() for key in values} >= {
+        "hidden_dim", "latent_dim", "batch_size", "iwae_samples", "n_samples", "manifold_size",
+    }  # fmt: skip
+    set_params(workdir, **bounds)
+    params = load_params()
+    # Each bound is where validation stops: one step beyond it is refused.
+    raw = yaml.safe_load((workdir / "params.yaml").read_text())
+    for section, values in bounds.items():
+        for key, value in values.items():
+            if key == "epochs":
+                continue
+            beyond = yaml.safe_load(yaml.safe_dump(raw))
+            beyond[section][key] = value - 1 if bound == "smallest" else value + 1
+            with pytest.raises(ConfigError, match=f"{section}.{key} = "):
+                parse_params(beyond)
+    train_stage.train(params)
+    metrics = run_evaluation(params)
+    assert math.isfinite(metrics["test_loss"]) and math.isfinite(metrics["log_px_iwae"])
+    assert set(run_sampling(params)) == FIGURE_NAMES
