@@ -18,6 +18,7 @@ import yaml
 from pipeline.errors import ConfigError
 
 PARAMS_FILE = Path("params.yaml")
+PRESETS = Path(__file__).parent / "presets"  # named sets of overrides, e.g. the paper's protocol
 
 
 def _check(
@@ -127,16 +128,38 @@ class Params:
 
 def load_params(path: Path | str = PARAMS_FILE) -> Params:
     """Read and validate params.yaml; raise ConfigError naming the first bad key."""
-    path = Path(path)
+    return parse_params(read_yaml(Path(path)), source=str(path))
+
+
+def read_yaml(path: Path) -> Any:
     try:
-        raw = yaml.safe_load(path.read_text())
+        return yaml.safe_load(path.read_text())
     except FileNotFoundError:
         raise ConfigError(f"{path}: file not found; run from the repository root") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
         raise ConfigError(f"{path}: not valid YAML{where}; fix the syntax") from None
-    return parse_params(raw, source=str(path))
+
+
+def read_preset(name: str) -> dict[str, Any]:
+    """pipeline/presets/NAME.yaml: `section.key: value` overrides of params.yaml."""
+    path = PRESETS / f"{name}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"no preset {name!r} in {PRESETS}; see the files there")
+    return read_yaml(path)
+
+
+def load_params_with(overrides: dict[str, Any], what: str, path: Path = PARAMS_FILE) -> Params:
+    """params.yaml with `section.key` overrides (`what` names them in errors) applied as `dvc exp
+    run -S` applies them, validated like params.yaml itself."""
+    raw = read_yaml(path)
+    for key, value in overrides.items():
+        section, _, name = key.partition(".")
+        if not isinstance(raw, dict) or not isinstance(raw.get(section), dict):
+            raise ConfigError(f"{what}: {key} names no section of {path}")
+        raw[section][name] = value
+    return parse_params(raw, source=f"{path} with {what}")
 
 
 def parse_params(raw: Any, source: str = "params.yaml") -> Params:

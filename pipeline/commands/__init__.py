@@ -1,38 +1,37 @@
-"""`mnist-vae <command>` (or `python -m pipeline <command>`): what people do around the pipeline."""
+"""`mnist-vae <command>` (or `python -m pipeline <command>`): what people do around the pipeline:
+promote and use trained models, report on a run, the paper's protocol, the team stack, the bench."""
 
 from __future__ import annotations
 
 import argparse
-import os
 import subprocess
 import sys
-from importlib import resources
 from pathlib import Path
 
-import numpy as np
-import torch
-import yaml
-from mlflow.tracking import MlflowClient
-from torchvision.utils import save_image
+from pipeline.errors import PipelineError, reports_errors
 
-from pipeline import runtime
-from pipeline.commands import scoring
-from pipeline.commands.report import render
-from pipeline.config import load_params, parse_params
-from pipeline.data.files import write_csv
-from pipeline.errors import ConfigError, PipelineError, reports_errors
-from pipeline.tools import bench as benchmark
-from pipeline.tools import stack as team_stack
-from pipeline.tracking import registry, store
+# Each command imports what it uses when it runs, so that `mnist-vae --help` answers at once
+# instead of after loading torch, torchvision and MLflow.
 
 
 def promote(args: argparse.Namespace) -> None:
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.config import load_params
+    from pipeline.tracking import registry, store
+
     params = load_params()
     store.connect(params.mlflow.experiment)
     print(registry.promote(MlflowClient(), params.registry, args.version, args.dry_run, args.force))
 
 
 def generate(args: argparse.Namespace) -> None:
+    import numpy as np
+    import torch
+    from torchvision.utils import save_image
+
+    from pipeline.tracking import store
+
     if args.n < 1:
         raise PipelineError(f"-n {args.n}: ask for at least one digit")
     model = store.load_model(args.model)
@@ -45,6 +44,10 @@ def generate(args: argparse.Namespace) -> None:
 
 
 def score(args: argparse.Namespace) -> None:
+    from pipeline.commands import scoring
+    from pipeline.data.files import write_csv
+    from pipeline.tracking import store
+
     names, images = scoring.read_images(Path(args.input))
     model = store.load_model(args.model)
     rows = scoring.score_images(model, names, images, args.batch_size, args.samples, args.seed)
@@ -53,6 +56,9 @@ def score(args: argparse.Namespace) -> None:
 
 
 def print_report(args: argparse.Namespace) -> None:
+    from pipeline.commands.report import render
+    from pipeline.config import load_params
+
     params = load_params()
     text, passed = render(params, args.rev)
     print(text, end="")
@@ -62,39 +68,36 @@ def print_report(args: argparse.Namespace) -> None:
         raise PipelineError("the training loss is outside the lab's tolerance (see the report)")
 
 
-def preset(name: str) -> dict:
-    """A file of pipeline/presets/ as `section.key: value` overrides of params.yaml."""
-    found = resources.files("pipeline") / "presets" / f"{name}.yaml"
-    if not found.is_file():
-        raise ConfigError(f"no preset {name!r} in pipeline/presets/")
-    return yaml.safe_load(found.read_text())
-
-
 def paper(args: argparse.Namespace) -> None:
-    """Burda et al.'s protocol as a DVC experiment: the preset, then the lengths asked for."""
-    overrides = preset("burda2015") | {"train.epochs": args.epochs}
+    """Burda et al.'s protocol as a DVC experiment: the preset, with the lengths asked for."""
+    from pipeline.config import load_params_with, read_preset
+
+    overrides = read_preset("burda2015") | {"train.epochs": args.epochs}
     overrides["evaluate.iwae_samples"] = args.k
-    merged = yaml.safe_load(Path("params.yaml").read_text())
-    for key, value in overrides.items():
-        section, name = key.split(".")
-        merged[section][name] = value
-    parse_params(merged, source="params.yaml with preset burda2015")  # refuse before DVC runs
+    load_params_with(overrides, "preset burda2015")  # refused here, before DVC starts
     command = [sys.executable, "-m", "dvc", "exp", "run", "-n", args.name]
     command += [f"-S{key}={value}" for key, value in overrides.items()]
     print(" ".join(["dvc", *command[3:]]), flush=True)
-    sys.exit(subprocess.run(command, env=os.environ).returncode)
+    sys.exit(subprocess.run(command).returncode)
 
 
 def stack(args: argparse.Namespace) -> None:
-    team_stack.serve(args.root, args.mlflow_port, args.s3_port, args.postgres_port)
+    from pipeline.tools.stack import serve
+
+    serve(args.root, args.mlflow_port, args.s3_port, args.postgres_port)
 
 
 def bench(args: argparse.Namespace) -> None:
-    benchmark.run(args.repeats)
+    from pipeline.tools.bench import run
+
+    run(args.repeats)
 
 
 def parser() -> argparse.ArgumentParser:
-    root = argparse.ArgumentParser(prog="mnist-vae", description=__doc__.splitlines()[0])
+    root = argparse.ArgumentParser(
+        prog="mnist-vae",
+        description="Use, promote and report on the MNIST VAE the pipeline trains.",
+    )
     commands = root.add_subparsers(dest="command", required=True, metavar="COMMAND")
     p = commands.add_parser("promote", help="move @champion to a better evaluated version")
     p.add_argument("--version", help="the version to consider (default: @candidate)")
@@ -139,5 +142,7 @@ def parser() -> argparse.ArgumentParser:
 @reports_errors
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
+    from pipeline import runtime  # after the arguments: --help and usage errors need no torch
+
     runtime.start()
     args.run(args)

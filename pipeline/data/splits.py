@@ -15,7 +15,7 @@ from pipeline.errors import ConfigError, DataError
 def preprocess(raw_root: Path, out_dir: Path) -> dict[str, dict[str, int]]:
     """Write train.safetensors and test.safetensors under `out_dir` from the IDX files under
     `raw_root`; return the number of images per class of each split."""
-    # Imported here: train and evaluate import this module and need not load torchvision (~1 s).
+    # Imported here: train and evaluate import this module and need not load torchvision.
     from torchvision.datasets import MNIST
 
     counts = {}

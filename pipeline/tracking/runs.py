@@ -64,7 +64,7 @@ def training_run(
 
 def log_pictures(step: int, pictures: dict[str, np.ndarray]) -> None:
     """Images for the UI's step slider, written synchronously (mlflow.log_image defaults to a
-    queue, whose join costs up to 1 s at exit and which kill -9 would lose)."""
+    queue, whose join delays the exit and which kill -9 would lose)."""
     for key, picture in pictures.items():
         mlflow.log_image(picture, key=key, step=step, synchronous=True)
 
