@@ -87,8 +87,8 @@ def time_train_stage() -> tuple[float, list[float]]:
         (work / PROCESSED).parent.mkdir(parents=True, exist_ok=True)
         (work / PROCESSED).symlink_to(PROCESSED.resolve())
         shutil.copy("params.yaml", work)
-        create_store = "from pipeline import config, tracking; "
-        create_store += "tracking.connect(config.load_params().mlflow.experiment)"
+        create_store = "from pipeline import config; from pipeline.tracking import store; "
+        create_store += "store.connect(config.load_params().mlflow.experiment)"
         subprocess.run([sys.executable, "-c", create_store], cwd=work, env=env, check=True)
         start = time.perf_counter()
         command = [sys.executable, "-m", "pipeline.stages.train"]

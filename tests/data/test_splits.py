@@ -18,9 +18,7 @@ def test_preprocess_twice_gives_identical_bytes(tiny_raw: Path, tmp_path: Path) 
     root = tmp_path / "raw"
     data.download_mnist(root, source=str(tiny_raw))
     preprocess(root, tmp_path / "first")
-    again = (
-        "import sys; from pathlib import Path; from pipeline.stages.preprocess import preprocess; "
-    )
+    again = "import sys; from pathlib import Path; from pipeline.data.splits import preprocess; "
     again += "preprocess(Path(sys.argv[1]), Path(sys.argv[2]))"
     subprocess.run([sys.executable, "-c", again, root, tmp_path / "second"], check=True)
     for name in ("train.safetensors", "test.safetensors"):
