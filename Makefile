@@ -5,7 +5,7 @@ INSTALLED := $(VENV)/.installed
 # Stage commands in dvc.yaml call `python`: make it the virtual environment's.
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: venv repro test test-fast lint format bench mutants promote report stack paper clean
+.PHONY: venv repro test test-fast lint format bench mutants promote report stack paper sweep clean
 
 venv: $(INSTALLED)
 
@@ -56,6 +56,11 @@ PAPER_EPOCHS ?= 3280
 PAPER_K ?= 5000
 paper: $(INSTALLED)
 	mnist-vae paper --name $(PAPER_NAME) --epochs $(PAPER_EPOCHS) --k $(PAPER_K)
+
+# An Optuna study (params.yaml's sweep section); run it on more machines with --storage to share it.
+sweep: $(INSTALLED)
+	dvc repro preprocess
+	mnist-vae sweep
 
 # PostgreSQL, SeaweedFS (S3) and an MLflow server on 127.0.0.1, state in .stack/; Ctrl-C stops them.
 stack: $(INSTALLED)

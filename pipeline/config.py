@@ -108,6 +108,23 @@ class RegistryConfig:
 
 
 @dataclass(frozen=True)
+class SweepConfig:
+    study: str = _mlflow_name()  # the Optuna study and its MLflow parent run; --study overrides
+    storage: str  # "" = optuna.db (SQLite) in the repository; or postgresql+psycopg://...
+    trials: int = _check(at_least=1, at_most=10_000, why="a study, not a census")
+    epochs: int = _check(at_least=1, at_most=100, why="trials are short; the winner trains longer")
+    holdout_images: int = _check(at_least=1, below=TRAIN_IMAGES)  # scored, never trained on
+    pruner: Literal["median", "none"]
+    pruner_startup: int = _check(at_least=0)  # finished trials before pruning starts
+    heartbeat_seconds: int = _check(at_least=1, at_most=3600, why="an hour of silence")
+    lr_low: float = _check(above=0)
+    lr_high: float = _check(above=0)
+    hidden_dims: list[int] = _check(at_least=1, at_most=4096, why="as model.hidden_dim")
+    latent_dims: list[int] = _check(at_least=1, at_most=256, why="as model.latent_dim")
+    batch_sizes: list[int] = _check(at_least=1, at_most=TRAIN_IMAGES, why="the training set")
+
+
+@dataclass(frozen=True)
 class Params:
     data: DataConfig
     model: ModelConfig
@@ -116,6 +133,7 @@ class Params:
     sample: SampleConfig
     mlflow: MlflowConfig
     registry: RegistryConfig
+    sweep: SweepConfig
 
     def flat(self) -> dict[str, Any]:
         """`section.key -> value`, the form MLflow logs params in."""
@@ -199,6 +217,11 @@ def _parse_section(cls: type, raw: Any, source: str, section: str) -> Any:
 
 
 def _parse_value(kind: Any, value: Any, key: str, limits: Any) -> Any:
+    if typing.get_origin(kind) is list:  # a non-empty list of values, each checked as one
+        if not isinstance(value, list) or not value:
+            raise ConfigError(f"{key} = {value!r} must be a list of values, e.g. [64, 128]")
+        (item,) = typing.get_args(kind)
+        return [_parse_value(item, v, key, limits) for v in value]
     if typing.get_origin(kind) is Literal:
         allowed = typing.get_args(kind)
         if value not in allowed:

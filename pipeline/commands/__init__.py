@@ -81,6 +81,15 @@ def paper(args: argparse.Namespace) -> None:
     sys.exit(subprocess.run(command).returncode)
 
 
+def sweep(args: argparse.Namespace) -> None:
+    from pipeline.config import load_params
+    from pipeline.tools.sweep import run
+
+    params = load_params()
+    study = args.study or params.sweep.study
+    run(params, study, args.trials or params.sweep.trials, args.storage, args.best, args.apply)
+
+
 def stack(args: argparse.Namespace) -> None:
     from pipeline.tools.stack import serve
 
@@ -127,6 +136,13 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--epochs", type=int, default=3280, help="the paper trains 3,280")
     e.add_argument("--k", type=int, default=5000, help="IWAE samples for the test NLL")
     e.set_defaults(run=paper)
+    w = commands.add_parser("sweep", help="join an Optuna study: trials as MLflow child runs")
+    w.add_argument("--study", help="the study's name (default: sweep.study)")
+    w.add_argument("--trials", type=int, help="finished trials to stop at (default: sweep.trials)")
+    w.add_argument("--storage", help="postgresql+psycopg://... (default: sweep.storage)")
+    w.add_argument("--best", action="store_true", help="print the dvc exp run of the best trial")
+    w.add_argument("--apply", action="store_true", help="run it: retrain the best at full length")
+    w.set_defaults(run=sweep)
     t = commands.add_parser("stack", help="PostgreSQL, S3 and MLflow on 127.0.0.1 until Ctrl-C")
     t.add_argument("--root", type=Path, default=Path(".stack"), help="its data, keys and logs")
     t.add_argument("--mlflow-port", type=int, default=5000)

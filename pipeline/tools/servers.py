@@ -3,10 +3,12 @@ everything they started; ports checked and chosen on 127.0.0.1."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -25,12 +27,55 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start(name: str, command: list[str], log: Path, **popen) -> subprocess.Popen:
-    """A server in a session of its own (Ctrl-C reaches us, and we stop it), output to `log`."""
+def start(
+    name: str, command: list[str], log: Path, stop_signal: int = signal.SIGTERM, **popen
+) -> subprocess.Popen:
+    """A server in a session of its own (Ctrl-C reaches us, and we stop it), output to `log`,
+    watched by a process that stops it if we end without doing so."""
     with log.open("ab") as out:
-        return subprocess.Popen(
+        server = subprocess.Popen(
             command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, **popen
         )
+    watch(server.pid, stop_signal)
+    return server
+
+
+def watch(server_pid: int, stop_signal: int = signal.SIGTERM) -> None:
+    """Start a watchdog that stops the server's process group when this process ends without
+    stopping it: SIGTERM from a scheduler or a CI time-out (which runs no cleanup), kill -9."""
+    command = [sys.executable, "-m", "pipeline.tools.servers"]
+    command += [str(os.getpid()), str(server_pid), str(int(stop_signal))]
+    subprocess.Popen(
+        command,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,  # Ctrl-C in a terminal reaches us, and we stop the server
+    )
+
+
+def watchdog(parent: int, server: int, stop_signal: int) -> None:
+    """Wait while both `parent` and the server's group live; if the parent goes first (we are
+    handed to another parent then, even while it is a zombie), stop the group as `stop` would."""
+    while group_alive(server):
+        if os.getppid() != parent:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(server, stop_signal)
+            deadline = time.monotonic() + STOP_TIMEOUT_S
+            while group_alive(server) and time.monotonic() < deadline:
+                time.sleep(0.2)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(server, signal.SIGKILL)
+            return
+        time.sleep(0.5)
+
+
+def group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 def stop(process: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
@@ -86,3 +131,7 @@ def answers(url: str) -> bool:
     except OSError:
         return False
     return True
+
+
+if __name__ == "__main__":
+    watchdog(*(int(arg) for arg in sys.argv[1:4]))

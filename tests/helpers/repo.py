@@ -12,7 +12,7 @@ from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
-from pipeline.tools.servers import stop
+from pipeline.tools.servers import stop, watch
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 GIT = ["git", "-c", "user.name=test", "-c", "user.email=test@localhost"]
@@ -106,8 +106,9 @@ def grid_steps(client: MlflowClient, run_id: str, key: str = "generated") -> lis
 
 
 def start_server(command: list[str], **env: str) -> subprocess.Popen:
-    """A server in a session of its own, so that `stop_server` also stops its workers."""
-    return subprocess.Popen(
+    """A server in a session of its own, so that `stop_server` also stops its workers, and
+    watched, so that it stops if the tests end without stopping it."""
+    server = subprocess.Popen(
         command,
         env=environment(**env),
         stdout=subprocess.PIPE,
@@ -115,6 +116,8 @@ def start_server(command: list[str], **env: str) -> subprocess.Popen:
         text=True,
         start_new_session=True,
     )
+    watch(server.pid)
+    return server
 
 
 def stop_server(server: subprocess.Popen) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,16 +24,13 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def stack() -> Iterator[Stack]:
-    # Not under pytest's temp root: it is mode 0700, and PostgreSQL runs as `nobody` under root.
-    root = Path(tempfile.mkdtemp(prefix="mnist-vae-stack-"))
-    root.chmod(0o755)
-    try:
-        with running_stack(root) as running:
-            yield running
-        assert [name for name, p in running.servers.items() if p.poll() is None] == []
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    # Under pytest's temporary root, mode 0700 like the clone's folder may be: PostgreSQL runs
+    # as `nobody` under root, and must find its binaries and data all the same.
+    root = tmp_path_factory.mktemp("stack")
+    with running_stack(root) as running:
+        yield running
+    assert [name for name, p in running.servers.items() if p.poll() is None] == []
 
 
 def s3_keys(stack: Stack) -> dict[str, str]:

@@ -1,9 +1,15 @@
-"""The stack's servers: a port in use and a server that exits are named in one line."""
+"""The stack's servers: a port in use and a server that exits are named in one line; servers
+stop when the process that started them ends without stopping them."""
 
 from __future__ import annotations
 
+import json
+import os
+import signal
 import socket
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -38,3 +44,43 @@ def test_a_server_that_exits_is_reported_with_its_last_error_line(tmp_path: Path
     assert str(failed.value) == (
         f"the server exited (FATAL: could not bind 127.0.0.1:5433); see {log}"
     )
+
+
+STACK_IN_A_PROCESS = """
+import json, sys, time
+from pathlib import Path
+from pipeline.tools.stack import running_stack
+with running_stack(Path(sys.argv[1])) as stack:
+    print(json.dumps({name: p.pid for name, p in stack.servers.items()}), flush=True)
+    time.sleep(600)
+"""
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.killpg(pid, 0)  # each server leads a process group of its own
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ending", [signal.SIGTERM, signal.SIGKILL])
+def test_servers_stop_when_the_process_that_started_them_is_ended(
+    tmp_path: Path, ending: signal.Signals
+) -> None:
+    # tmp_path is under pytest's 0700 root: the stack must start from a private folder too.
+    owner = subprocess.Popen(
+        [sys.executable, "-c", STACK_IN_A_PROCESS, str(tmp_path / "stack")],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    servers = json.loads(owner.stdout.readline())
+    assert set(servers) == {"PostgreSQL", "SeaweedFS", "MLflow"}
+    assert all(alive(pid) for pid in servers.values())
+    owner.send_signal(ending)  # no cleanup runs: SIGTERM's default is to die at once
+    owner.wait()
+    deadline = time.monotonic() + 60
+    while any(alive(pid) for pid in servers.values()) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert [name for name, pid in servers.items() if alive(pid)] == []

@@ -1,0 +1,111 @@
+"""`mnist-vae sweep`: an Optuna study whose trials are MLflow child runs, pruned per epoch, and
+whose winner becomes a `dvc exp run`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+from optuna.trial import TrialState
+
+from pipeline import commands
+from pipeline.config import load_params
+from pipeline.tools import sweep
+
+TINY = {
+    "trials": 3,
+    "epochs": 1,
+    "holdout_images": 64,
+    "pruner_startup": 1,
+    "hidden_dims": [16, 32],
+    "latent_dims": [4],
+    "batch_sizes": [32],
+}
+
+
+@pytest.fixture
+def study(workdir: Path, set_params):
+    """A study of three one-epoch trials on the tiny data; the first two are enqueued: one that
+    learns, then one whose rate barely moves the weights, which the median pruner stops."""
+    set_params(workdir, sweep=TINY)
+    url = f"sqlite:///{workdir / 'optuna.db'}"
+    created = sweep.open_study("tiny", url, load_params().sweep)
+    created.enqueue_trial({"train.lr": 3e-3, "model.hidden_dim": 32, "model.latent_dim": 4,
+                           "train.batch_size": 32})  # fmt: skip
+    created.enqueue_trial({"train.lr": 1e-4, "model.hidden_dim": 16, "model.latent_dim": 4,
+                           "train.batch_size": 32})  # fmt: skip
+    return url
+
+
+def run_sweep(url: str, *extra: str) -> None:
+    commands.main(["sweep", "--study", "tiny", "--storage", url, *extra])
+
+
+def test_three_trials_are_child_runs_of_one_parent_and_one_is_pruned(
+    study: str, workdir: Path, capsys: pytest.CaptureFixture
+) -> None:
+    run_sweep(study)
+    assert "study tiny: 3 trials finished (1 pruned); best trial 0" in capsys.readouterr().out
+    trials = sweep.open_study("tiny", study, load_params().sweep).get_trials()
+    assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.PRUNED, trials[2].state]
+    assert trials[2].state in sweep.FINISHED and len(trials) == 3  # exactly the three asked for
+
+    client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("mnist-vae")
+    runs = client.search_runs([experiment.experiment_id], "tags.`optuna.study` = 'tiny'")
+    (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = sorted(
+        (r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id),
+        key=lambda r: int(r.data.tags["optuna.trial"]),
+    )
+    assert [r.info.run_name for r in children] == ["tiny-t0", "tiny-t1", "tiny-t2"]
+    assert [r.info.status for r in children[:2]] == ["FINISHED", "KILLED"]
+    assert children[1].data.tags["pruned_at_epoch"] == "1"
+    assert children[0].data.params["train.lr"] == "0.003"
+    assert children[0].data.metrics["heldout/loss"] == pytest.approx(trials[0].value)
+    assert parent.data.params["space.hidden_dim"] == "[16, 32]"
+    assert parent.info.status == "FINISHED"
+
+    parent = client.get_run(parent.info.run_id)  # the summary came after the search above
+    assert parent.data.tags["best.trial"] == "0"
+    shown = {a.path for a in client.list_artifacts(parent.info.run_id, "study")}
+    assert "study/optimization_history.png" in shown
+    assert not client.search_registered_models()  # trials register no model
+
+
+def test_best_prints_the_dvc_experiment_that_retrains_the_winner(
+    study: str, capsys: pytest.CaptureFixture
+) -> None:
+    run_sweep(study)
+    capsys.readouterr()
+    run_sweep(study, "--best")
+    command = capsys.readouterr().out.strip().split()
+    assert command[:5] == ["dvc", "exp", "run", "-n", "tiny-t0"]
+    assert sorted(command[5:]) == [
+        "-Smodel.hidden_dim=32", "-Smodel.latent_dim=4", "-Strain.batch_size=32",
+        "-Strain.lr=0.003",
+    ]  # fmt: skip
+
+
+def test_a_study_without_a_complete_trial_has_no_best(
+    workdir: Path, set_params, capsys: pytest.CaptureFixture
+) -> None:
+    set_params(workdir, sweep=TINY)
+    with pytest.raises(SystemExit) as failed:
+        run_sweep(f"sqlite:///{workdir / 'optuna.db'}", "--best")
+    assert failed.value.code == 1
+    assert capsys.readouterr().err.strip() == (
+        "error: study tiny has no complete trial yet; run the sweep"
+    )
+
+
+def test_a_storage_that_cannot_be_used_is_one_line(
+    workdir: Path, set_params, capsys: pytest.CaptureFixture
+) -> None:
+    set_params(workdir, sweep=TINY)
+    with pytest.raises(SystemExit):
+        run_sweep("postgresql+psycopg://u:secret@127.0.0.1:9/none")
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("error: Optuna storage 127.0.0.1:9/none cannot be used (")
+    assert "secret" not in error and len(error.splitlines()) == 1
