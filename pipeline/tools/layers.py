@@ -17,7 +17,7 @@ LAYERS = {
     "data": "files on disk: MNIST and its checksums, splits, weights, checkpoints",
     "tracking": "MLflow: the store, runs, the pyfunc model, the registry",
     "stages": "the five DVC stages: read params, call the layers, write outputs",
-    "tools": "beside the pipeline: the local team stack, the benchmark, this graph",
+    "tools": "beside the pipeline: sweeps, the local team stack, the benchmark, this graph",
     "commands": "mnist-vae: what people run",
 }
 TOP_LEVEL = {"__main__": "commands"}  # pipeline/*.py outside these is foundation

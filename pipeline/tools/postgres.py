@@ -17,7 +17,7 @@ from pathlib import Path
 from pipeline.errors import StackError
 from pipeline.tools.servers import start, stop, wait_until
 
-DATABASE = "mlflow"
+DATABASES = ("mlflow", "optuna")  # MLflow's runs and registry; Optuna's studies (mnist-vae sweep)
 SERVICE_USER = "nobody"  # initdb and postgres refuse to run as root
 
 
@@ -77,7 +77,8 @@ def digest(path: Path) -> str:
 
 @contextmanager
 def postgres(root: Path, port: int, password: str) -> Iterator[tuple[str, subprocess.Popen]]:
-    """PostgreSQL on 127.0.0.1:`port` with a password and a database for MLflow; its URI."""
+    """PostgreSQL on 127.0.0.1:`port` with a password and the DATABASES; its URI without a
+    database (append `/mlflow` or `/optuna`)."""
     log, user = root / "logs" / "postgres.log", service_user()
     bin_dir, data = pg_home(root, user)
     as_user = {"user": user, "group": pwd.getpwnam(user).pw_gid, "cwd": data.parent} if user else {}
@@ -125,20 +126,10 @@ def postgres(root: Path, port: int, password: str) -> Iterator[tuple[str, subpro
             return subprocess.run(probe, capture_output=True, env=env).returncode == 0
 
         wait_until(f"PostgreSQL on 127.0.0.1:{port}", ready, server, log)
-        listed = subprocess.run(
-            [
-                str(bin_dir / "psql"),
-                *address,
-                "-Atc",
-                f"SELECT 1 FROM pg_database WHERE datname = '{DATABASE}'",
-            ],
-            capture_output=True,
-            text=True,
-            env=env,
-            check=True,
-        )
-        if not listed.stdout.strip():
-            subprocess.run([str(bin_dir / "createdb"), *address, DATABASE], env=env, check=True)
-        yield f"postgresql+psycopg://postgres:{password}@127.0.0.1:{port}/{DATABASE}", server
+        query = [str(bin_dir / "psql"), *address, "-Atc", "SELECT datname FROM pg_database"]
+        found = subprocess.run(query, capture_output=True, text=True, env=env, check=True)
+        for name in set(DATABASES) - set(found.stdout.split()):
+            subprocess.run([str(bin_dir / "createdb"), *address, name], env=env, check=True)
+        yield f"postgresql+psycopg://postgres:{password}@127.0.0.1:{port}", server
     finally:
         stop(server, signal.SIGINT)

@@ -34,6 +34,7 @@ ARTIFACTS = "s3://mlflow/artifacts"
 class Stack:
     root: Path
     postgres_uri: str  # MLflow's backend store
+    optuna_uri: str  # a database for Optuna's studies: mnist-vae sweep --storage
     s3_endpoint: str
     tracking_uri: str
     access_key: str
@@ -170,7 +171,7 @@ def running_stack(
     (root / "logs").mkdir(parents=True, exist_ok=True)
     keys = credentials(root)
     with ExitStack() as started:
-        database, postgres_server = started.enter_context(
+        postgres_server_uri, postgres_server = started.enter_context(
             postgres(root, postgres_port or free_port(), keys["postgres_password"])
         )
         s3, s3_server = started.enter_context(
@@ -180,14 +181,23 @@ def running_stack(
             mlflow_server(
                 root,
                 mlflow_port or free_port(),
-                database,
+                f"{postgres_server_uri}/mlflow",
                 s3,
                 keys["access_key"],
                 keys["secret_key"],
             )
         )
         servers = {"PostgreSQL": postgres_server, "SeaweedFS": s3_server, "MLflow": mlflow}
-        yield Stack(root, database, s3, tracking, keys["access_key"], keys["secret_key"], servers)
+        yield Stack(
+            root,
+            f"{postgres_server_uri}/mlflow",
+            f"{postgres_server_uri}/optuna",
+            s3,
+            tracking,
+            keys["access_key"],
+            keys["secret_key"],
+            servers,
+        )
 
 
 def serve(root: Path, mlflow_port: int, s3_port: int, postgres_port: int) -> None:
@@ -202,7 +212,8 @@ def serve(root: Path, mlflow_port: int, s3_port: int, postgres_port: int) -> Non
             f"In another shell, in this repository:\n{exports}\n"
             f"  dvc remote add -d team s3://dvc/mnist-vae       # once\n"
             f"  dvc remote modify team endpointurl {stack.s3_endpoint}\n"
-            f"  make repro && dvc push\n\n"
+            f"  make repro && dvc push\n"
+            f"  mnist-vae sweep --storage {stack.optuna_uri}   # on any number of machines\n\n"
             "Ctrl-C stops the stack.",
             flush=True,
         )

@@ -11,9 +11,11 @@ set and registered like any other model.
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import time
+import warnings
 
 import mlflow
 import optuna
@@ -33,7 +35,8 @@ from pipeline.vae import training
 from pipeline.vae.model import VAE
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
-RUN_ID = "mlflow_run_id"  # a trial's user attribute: its MLflow run
+RUN_ID = "mlflow_run_id"  # the MLflow run of a trial, or of the study (user attributes)
+SETTLE_S = 2.0  # how long two workers that start together take to agree on the parent run
 
 
 def storage_url(cfg: SweepConfig, given: str | None) -> str:
@@ -45,13 +48,15 @@ def storage_url(cfg: SweepConfig, given: str | None) -> str:
 def open_study(name: str, url: str, cfg: SweepConfig) -> optuna.Study:
     """Create or join the study; a worker silent for 2 heartbeats has its trial failed, and the
     trial is retried once with the same params."""
+    # Heartbeats and the figures are "experimental" in Optuna 4-5, and what this module needs.
+    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
     try:
         storage = optuna.storages.RDBStorage(
             url,
             engine_kwargs={"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {},
             heartbeat_interval=cfg.heartbeat_seconds,
             grace_period=2 * cfg.heartbeat_seconds,
-            failed_trial_callback=end_and_retry,
+            heartbeat_stale_trial_callback=end_and_retry,
         )
     except Exception as exc:  # SQLAlchemy's: unknown driver, refused, bad password
         shown = url.split("@")[-1] if "@" in url else url
@@ -78,7 +83,8 @@ def end_and_retry(study: optuna.Study, trial: FrozenTrial) -> None:
 
 
 def parent_run(study: optuna.Study, experiment_id: str, cfg: SweepConfig) -> str:
-    """The study's MLflow run: made by the first worker, its id kept in the study."""
+    """The study's MLflow run, its id kept in the study. Workers that start together may both
+    make one: each waits SETTLE_S for the others' writes, and all keep the last one written."""
     found = study.user_attrs.get(RUN_ID)
     if found and store.has_run(found):
         return found
@@ -86,7 +92,11 @@ def parent_run(study: optuna.Study, experiment_id: str, cfg: SweepConfig) -> str
     with mlflow.start_run(experiment_id=experiment_id, run_name=study.study_name, tags=tags) as run:
         mlflow.log_params({f"space.{key}": value for key, value in space_of(cfg).items()})
     study.set_user_attr(RUN_ID, run.info.run_id)
-    return study.user_attrs[RUN_ID]  # another worker may have been first: one parent for all
+    time.sleep(SETTLE_S)
+    kept = study.user_attrs[RUN_ID]  # read from the storage, with the other workers' writes
+    if kept != run.info.run_id:
+        MlflowClient().delete_run(run.info.run_id)
+    return kept
 
 
 def space_of(cfg: SweepConfig) -> dict[str, str]:
@@ -153,6 +163,7 @@ class Objective:
             ) as run,
         ):
             trial.set_user_attr(RUN_ID, run.info.run_id)
+            trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
             mlflow.log_params(chosen | {"sweep.epochs": self.params.sweep.epochs})
             try:
                 return self.train(trial, chosen, stop)

@@ -12,7 +12,7 @@ import yaml
 from helpers.repo import REPO_ROOT, committed_params
 from pipeline import commands
 
-COMMANDS = {"promote", "generate", "score", "report", "paper", "stack", "bench"}
+COMMANDS = {"promote", "generate", "score", "report", "paper", "sweep", "stack", "bench"}
 
 
 def test_the_console_script_lists_every_command() -> None:
@@ -33,7 +33,7 @@ def test_python_m_pipeline_is_the_same_command() -> None:
 
 def test_make_targets_call_the_console_script() -> None:
     makefile = (REPO_ROOT / "Makefile").read_text()
-    for target in ("promote", "report", "paper", "stack", "bench"):
+    for target in ("promote", "report", "paper", "sweep", "stack", "bench"):
         assert f"\tmnist-vae {target}" in makefile, target
     assert "python -m pipeline" not in makefile
 

@@ -26,6 +26,7 @@ from helpers.repo import (
     wait_for,
 )
 from pipeline.data import mnist as data
+from pipeline.data import splits
 from pipeline.data.mnist import raw_dir
 from pipeline.paths import (
     EVAL_METRICS,
@@ -62,8 +63,8 @@ def test_raw_files_are_the_canonical_ones(reproduced: tuple[Path, str]) -> None:
 
 def test_processed_tensors(reproduced: tuple[Path, str]) -> None:
     repo, _ = reproduced
-    train_x, train_y = data.load_split(repo / TRAIN_SPLIT)
-    test_x, _ = data.load_split(repo / TEST_SPLIT)
+    train_x, train_y = splits.load_split(repo / TRAIN_SPLIT)
+    test_x, _ = splits.load_split(repo / TEST_SPLIT)
     assert train_x.shape == (60000, 784) and test_x.shape == (10000, 784)
     assert float(train_x.min()) == 0.0 and float(train_x.max()) == 1.0
     assert sorted(set(train_y.tolist())) == list(range(10))
@@ -156,7 +157,7 @@ def test_the_champion_loads_as_a_pyfunc_from_the_registry(champion: Path) -> Non
 def test_the_champion_scores_digits_far_below_noise_and_rotated_digits(champion: Path) -> None:
     mlflow.set_tracking_uri(f"sqlite:///{champion / 'mlflow.db'}")
     model = mlflow.pyfunc.load_model("models:/mnist-vae@champion")
-    digits = data.load_split(champion / TEST_SPLIT)[0][:500].numpy()
+    digits = splits.load_split(champion / TEST_SPLIT)[0][:500].numpy()
     noise = np.random.default_rng(0).uniform(size=digits.shape).astype(np.float32)
     rotated = np.rot90(digits.reshape(-1, 28, 28), axes=(1, 2)).reshape(-1, 784).copy()
     params = {"method": "score", "samples": 4}
@@ -191,7 +192,7 @@ def test_mlflow_models_serve_answers_all_four_methods(champion: Path) -> None:
         z = np.random.default_rng(1).standard_normal((3, 20)).round(4).tolist()
         images = post(port, {"inputs": z})  # no params: decode, as before
         assert images.shape == (3, 784) and images.min() >= 0 and images.max() <= 1
-        digits = data.load_split(champion / TEST_SPLIT)[0][:3].numpy().round(4).tolist()
+        digits = splits.load_split(champion / TEST_SPLIT)[0][:3].numpy().round(4).tolist()
         assert post(port, {"inputs": digits, "params": {"method": "encode"}}).shape == (3, 20)
         both = post(port, {"inputs": digits, "params": {"method": "encode", "logvar": True}})
         assert both.shape == (3, 40)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import boto3
@@ -18,19 +17,9 @@ from mlflow.tracking import MlflowClient
 
 from helpers.repo import dvc, git_commit, grid_steps, python_m
 from pipeline.paths import EVAL_METRICS, FIGURES, RUN_INFO, TRAIN_SPLIT, WEIGHTS
-from pipeline.tools.stack import ARTIFACTS, Stack, running_stack
+from pipeline.tools.stack import ARTIFACTS, Stack
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    # Under pytest's temporary root, mode 0700 like the clone's folder may be: PostgreSQL runs
-    # as `nobody` under root, and must find its binaries and data all the same.
-    root = tmp_path_factory.mktemp("stack")
-    with running_stack(root) as running:
-        yield running
-    assert [name for name, p in running.servers.items() if p.poll() is None] == []
 
 
 def s3_keys(stack: Stack) -> dict[str, str]:

@@ -21,10 +21,12 @@ def size_bounds(bound: str) -> dict[str, dict[str, int]]:
 
     chosen = {}
     for section, kind in typing.get_type_hints(Params).items():
+        hints = typing.get_type_hints(kind)
         for f in dataclasses.fields(kind):
             if f.metadata.get("at_most") is not None and f.name != "epochs":
                 value = f.metadata["at_least"] if bound == "smallest" else f.metadata["at_most"]
-                chosen.setdefault(section, {})[f.name] = value
+                listed = typing.get_origin(hints[f.name]) is list  # sweep's choices: [value]
+                chosen.setdefault(section, {})[f.name] = [value] if listed else value
     chosen["train"]["epochs"] = 1
     return chosen
 
@@ -44,6 +46,7 @@ def test_every_size_bound_config_accepts_runs_through_every_stage(
     bounds = size_bounds(bound)
     assert {key for values in bounds.values() for key in values} >= {
         "hidden_dim", "latent_dim", "batch_size", "iwae_samples", "n_samples", "manifold_size",
+        "hidden_dims", "trials",
     }  # fmt: skip
     set_params(workdir, **bounds)
     params = load_params()
@@ -54,7 +57,8 @@ def test_every_size_bound_config_accepts_runs_through_every_stage(
             if key == "epochs":
                 continue
             beyond = yaml.safe_load(yaml.safe_dump(raw))
-            beyond[section][key] = value - 1 if bound == "smallest" else value + 1
+            step = -1 if bound == "smallest" else 1
+            beyond[section][key] = [value[0] + step] if isinstance(value, list) else value + step
             with pytest.raises(ConfigError, match=f"{section}.{key} = "):
                 parse_params(beyond)
     train_stage.train(params)

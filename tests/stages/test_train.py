@@ -162,14 +162,14 @@ def test_thread_settings_do_not_leak_between_tests(session_threads: int) -> None
 
 
 def test_two_threads_give_identical_runs(workdir: Path) -> None:
-    # The README's setting on these machines: torch's two threads split oneMKL's vector math
-    # (exp of a 128x20 tensor), which `runtime.start()` settles before either thread calls it.
-    runs = []
+    # The setting on these machines (docs/pipeline.md): torch's two threads split oneMKL's vector
+    # math (exp of a 128x20 tensor), which `runtime.start()` settles before either thread calls.
+    outputs = []
     for _ in range(2):
         torch.set_num_threads(2)
         train_stage.train(load_params())
-        runs.append((TRAIN_METRICS.read_bytes(), WEIGHTS.read_bytes()))
-    assert runs[0] == runs[1]
+        outputs.append((TRAIN_METRICS.read_bytes(), WEIGHTS.read_bytes()))
+    assert outputs[0] == outputs[1]
 
 
 def test_resume_after_a_crash_ends_where_an_uninterrupted_run_ends(

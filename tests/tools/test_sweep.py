@@ -3,6 +3,7 @@ whose winner becomes a `dvc exp run`."""
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ from optuna.trial import TrialState
 
 from pipeline import commands
 from pipeline.config import load_params
+from pipeline.errors import Interrupted
 from pipeline.tools import sweep
 
 TINY = {
@@ -46,10 +48,12 @@ def test_three_trials_are_child_runs_of_one_parent_and_one_is_pruned(
     study: str, workdir: Path, capsys: pytest.CaptureFixture
 ) -> None:
     run_sweep(study)
-    assert "study tiny: 3 trials finished (1 pruned); best trial 0" in capsys.readouterr().out
     trials = sweep.open_study("tiny", study, load_params().sweep).get_trials()
     assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.PRUNED, trials[2].state]
     assert trials[2].state in sweep.FINISHED and len(trials) == 3  # exactly the three asked for
+    pruned = sum(t.state == TrialState.PRUNED for t in trials)
+    said = f"study tiny: 3 trials finished ({pruned} pruned); best trial "
+    assert said in capsys.readouterr().out
 
     client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("mnist-vae")
@@ -61,6 +65,9 @@ def test_three_trials_are_child_runs_of_one_parent_and_one_is_pruned(
     )
     assert [r.info.run_name for r in children] == ["tiny-t0", "tiny-t1", "tiny-t2"]
     assert [r.info.status for r in children[:2]] == ["FINISHED", "KILLED"]
+    assert children[2].info.status == (
+        "KILLED" if trials[2].state == TrialState.PRUNED else "FINISHED"
+    )
     assert children[1].data.tags["pruned_at_epoch"] == "1"
     assert children[0].data.params["train.lr"] == "0.003"
     assert children[0].data.metrics["heldout/loss"] == pytest.approx(trials[0].value)
@@ -68,7 +75,9 @@ def test_three_trials_are_child_runs_of_one_parent_and_one_is_pruned(
     assert parent.info.status == "FINISHED"
 
     parent = client.get_run(parent.info.run_id)  # the summary came after the search above
-    assert parent.data.tags["best.trial"] == "0"
+    assert parent.data.tags["best.trial"] == str(
+        min(trials[::2], key=lambda t: t.value or 1e9).number
+    )
     shown = {a.path for a in client.list_artifacts(parent.info.run_id, "study")}
     assert "study/optimization_history.png" in shown
     assert not client.search_registered_models()  # trials register no model
@@ -81,11 +90,11 @@ def test_best_prints_the_dvc_experiment_that_retrains_the_winner(
     capsys.readouterr()
     run_sweep(study, "--best")
     command = capsys.readouterr().out.strip().split()
-    assert command[:5] == ["dvc", "exp", "run", "-n", "tiny-t0"]
-    assert sorted(command[5:]) == [
-        "-Smodel.hidden_dim=32", "-Smodel.latent_dim=4", "-Strain.batch_size=32",
-        "-Strain.lr=0.003",
-    ]  # fmt: skip
+    best = sweep.open_study("tiny", study, load_params().sweep).best_trial
+    assert command[:5] == ["dvc", "exp", "run", "-n", f"tiny-t{best.number}"]
+    chosen = dict(flag.removeprefix("-S").split("=") for flag in command[5:])
+    assert chosen.keys() == best.params.keys()
+    assert {key: float(value) for key, value in chosen.items()} == best.params
 
 
 def test_a_study_without_a_complete_trial_has_no_best(
@@ -109,3 +118,23 @@ def test_a_storage_that_cannot_be_used_is_one_line(
     error = capsys.readouterr().err.strip()
     assert error.startswith("error: Optuna storage 127.0.0.1:9/none cannot be used (")
     assert "secret" not in error and len(error.splitlines()) == 1
+
+
+def test_ctrl_c_marks_the_trial_and_its_run_then_stops_the_worker_in_one_line(
+    study: str, workdir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    def interrupted_fit(*args, **kwargs):
+        raise Interrupted(signal.SIGINT)  # what the stop request raises at the next batch
+        yield
+
+    monkeypatch.setattr(sweep.training, "fit", interrupted_fit)
+    with pytest.raises(SystemExit) as stopped:
+        run_sweep(study)
+    assert stopped.value.code == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "error: interrupted by SIGINT; no output was half-written: run it again"
+    )
+    trial, waiting = sweep.open_study("tiny", study, load_params().sweep).get_trials()
+    assert (trial.state, waiting.state) == (TrialState.FAIL, TrialState.WAITING)  # it stopped
+    client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+    assert client.get_run(trial.user_attrs["mlflow_run_id"]).info.status == "KILLED"

@@ -1,0 +1,19 @@
+"""One team stack for the real-server tests of this folder."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from pipeline.tools.stack import Stack, running_stack
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    # Under pytest's temporary root, mode 0700 like the clone's folder may be: PostgreSQL runs
+    # as `nobody` under root, and must find its binaries and data all the same.
+    root = tmp_path_factory.mktemp("stack")
+    with running_stack(root) as running:
+        yield running
+    assert [name for name, p in running.servers.items() if p.poll() is None] == []
