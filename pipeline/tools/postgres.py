@@ -71,6 +71,12 @@ def pg_home(root: Path, user: str | None) -> tuple[Path, Path]:
     return install / "bin", data
 
 
+def remove_data(root: Path) -> None:
+    """Delete the stack's PostgreSQL data, wherever `pg_home` put it (for throw-away stacks)."""
+    _, data = pg_home(root, service_user())
+    shutil.rmtree(data if data.is_relative_to(root) else data.parent, ignore_errors=True)
+
+
 def digest(path: Path) -> str:
     return hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:12]
 

@@ -6,6 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from pipeline.tools.postgres import remove_data
 from pipeline.tools.stack import Stack, running_stack
 
 
@@ -14,6 +15,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     # Under pytest's temporary root, mode 0700 like the clone's folder may be: PostgreSQL runs
     # as `nobody` under root, and must find its binaries and data all the same.
     root = tmp_path_factory.mktemp("stack")
-    with running_stack(root) as running:
-        yield running
-    assert [name for name, p in running.servers.items() if p.poll() is None] == []
+    try:
+        with running_stack(root) as running:
+            yield running
+        assert [name for name, p in running.servers.items() if p.poll() is None] == []
+    finally:
+        remove_data(root)  # outside `root` when `nobody` cannot enter it

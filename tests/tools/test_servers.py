@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.tools.postgres import remove_data
+
 
 def test_the_stack_refuses_a_port_in_use_before_starting_anything(tmp_path: Path) -> None:
     from pipeline.errors import StackError
@@ -84,3 +86,4 @@ def test_servers_stop_when_the_process_that_started_them_is_ended(
     while any(alive(pid) for pid in servers.values()) and time.monotonic() < deadline:
         time.sleep(0.5)
     assert [name for name, pid in servers.items() if alive(pid)] == []
+    remove_data(tmp_path / "stack")
