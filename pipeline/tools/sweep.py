@@ -28,7 +28,7 @@ from optuna.trial import FrozenTrial, TrialState
 from pipeline import runtime
 from pipeline.config import Params, SweepConfig
 from pipeline.data.splits import binarize_once, load_split
-from pipeline.errors import ConfigError, Interrupted, PipelineError
+from pipeline.errors import ConfigError, Interrupted, PipelineError, first_line
 from pipeline.paths import TRAIN_SPLIT
 from pipeline.tracking import store
 from pipeline.vae import training
@@ -45,9 +45,9 @@ def storage_url(cfg: SweepConfig, given: str | None) -> str:
     return url or f"sqlite:///{store.store_root() / 'optuna.db'}"
 
 
-def open_study(name: str, url: str, cfg: SweepConfig) -> optuna.Study:
-    """Create or join the study; a worker silent for 2 heartbeats has its trial failed, and the
-    trial is retried once with the same params."""
+def open_study(name: str, url: str, cfg: SweepConfig, create: bool = True) -> optuna.Study:
+    """Create or join the study (only join it unless `create`); a worker silent for 2 heartbeats
+    has its trial failed, and the trial is retried once with the same params."""
     # Heartbeats and the figures are "experimental" in Optuna 4-5, and what this module needs.
     warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
     try:
@@ -59,9 +59,8 @@ def open_study(name: str, url: str, cfg: SweepConfig) -> optuna.Study:
             heartbeat_stale_trial_callback=end_and_retry,
         )
     except Exception as exc:  # SQLAlchemy's: unknown driver, refused, bad password
-        shown = url.split("@")[-1] if "@" in url else url
         raise PipelineError(
-            f"Optuna storage {shown} cannot be used ({str(exc).splitlines()[0][:160]}); "
+            f"Optuna storage {shown(url)} cannot be used: {first_line(exc)[:160]}; "
             "check --storage (make stack prints the URL) and that the server runs"
         ) from None
     pruner = (
@@ -69,9 +68,20 @@ def open_study(name: str, url: str, cfg: SweepConfig) -> optuna.Study:
         if cfg.pruner == "median"
         else optuna.pruners.NopPruner()
     )
+    if not create:
+        names = optuna.get_all_study_names(storage)
+        if name not in names:
+            raise PipelineError(
+                f"no study {name!r} in {shown(url)}; its studies: {', '.join(names) or 'none'}"
+            )
     return optuna.create_study(
         study_name=name, storage=storage, direction="minimize", pruner=pruner, load_if_exists=True
     )
+
+
+def shown(url: str) -> str:
+    """A storage URL without its credentials."""
+    return url.split("@")[-1] if "@" in url else url
 
 
 def end_and_retry(study: optuna.Study, trial: FrozenTrial) -> None:
@@ -224,9 +234,12 @@ def summarise(study: optuna.Study, parent: str) -> str:
     if len(complete) >= 2:
         figures["param_importances"] = optuna.visualization.matplotlib.plot_param_importances
     for name, plot in figures.items():
-        figure = plot(study).figure
-        client.log_figure(parent, figure, f"study/{name}.png")
-        pyplot.close(figure)
+        axes = plot(study)
+        if name == "optimization_history":
+            axes.set_ylabel("held-out loss (negative ELBO, nats)")
+        axes.figure.tight_layout()  # Optuna's layout cuts the params' names off
+        client.log_figure(parent, axes.figure, f"study/{name}.png")
+        pyplot.close(axes.figure)
     pruned = sum(t.state == TrialState.PRUNED for t in finished)
     return (
         f"study {study.study_name}: {len(finished)} trials finished ({pruned} pruned); best "
@@ -252,7 +265,7 @@ def run(
         raise ConfigError(
             f"sweep.lr_low = {cfg.lr_low} must be below sweep.lr_high = {cfg.lr_high}"
         )
-    study = open_study(study_name, storage_url(cfg, storage), cfg)
+    study = open_study(study_name, storage_url(cfg, storage), cfg, create=not (best or apply))
     if best or apply:
         command = best_command(study)
         print(" ".join(command), flush=True)

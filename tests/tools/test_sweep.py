@@ -97,14 +97,18 @@ def test_best_prints_the_dvc_experiment_that_retrains_the_winner(
     assert {key: float(value) for key, value in chosen.items()} == best.params
 
 
-def test_a_study_without_a_complete_trial_has_no_best(
+def test_an_unknown_study_or_one_without_a_complete_trial_has_no_best(
     workdir: Path, set_params, capsys: pytest.CaptureFixture
 ) -> None:
     set_params(workdir, sweep=TINY)
     with pytest.raises(SystemExit) as failed:
         run_sweep(f"sqlite:///{workdir / 'optuna.db'}", "--best")
     assert failed.value.code == 1
-    assert capsys.readouterr().err.strip() == (
+    assert capsys.readouterr().err.strip().endswith("; its studies: none")
+    sweep.open_study("tiny", f"sqlite:///{workdir / 'optuna.db'}", load_params().sweep)
+    with pytest.raises(SystemExit):
+        run_sweep(f"sqlite:///{workdir / 'optuna.db'}", "--best")
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
         "error: study tiny has no complete trial yet; run the sweep"
     )
 
@@ -116,7 +120,7 @@ def test_a_storage_that_cannot_be_used_is_one_line(
     with pytest.raises(SystemExit):
         run_sweep("postgresql+psycopg://u:secret@127.0.0.1:9/none")
     error = capsys.readouterr().err.strip()
-    assert error.startswith("error: Optuna storage 127.0.0.1:9/none cannot be used (")
+    assert error.startswith("error: Optuna storage 127.0.0.1:9/none cannot be used: ")
     assert "secret" not in error and len(error.splitlines()) == 1
 
 
