@@ -26,6 +26,12 @@ TINY = {
 }
 
 
+@pytest.fixture(autouse=True)
+def one_worker(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No other worker races for the parent run here: no need to wait for one."""
+    monkeypatch.setattr(sweep, "SETTLE_S", 0.0)
+
+
 @pytest.fixture
 def study(workdir: Path, set_params):
     """A study of three one-epoch trials on the tiny data; the first two are enqueued: one that
