@@ -20,7 +20,7 @@ LAYERS = {
     "tools": "beside the pipeline: sweeps, the local team stack, the benchmark, this graph",
     "commands": "mnist-vae: what people run",
 }
-TOP_LEVEL = {"__main__": "commands"}  # pipeline/*.py outside these is foundation
+TOP_LEVEL = {"__main__": "commands", "serving": "tracking"}  # other pipeline/*.py: foundation
 
 
 def module_name(path: Path) -> str:

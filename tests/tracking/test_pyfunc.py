@@ -22,11 +22,11 @@ from helpers.workdir import make_workdir, write_params
 from pipeline import __main__ as cli
 from pipeline.config import load_params
 from pipeline.data.splits import load_split
-from pipeline.data.weights import load_vae
+from pipeline.data.weights import load_vae, save_vae
 from pipeline.paths import RUN_INFO, TEST_SPLIT, WEIGHTS
 from pipeline.stages import train as train_stage
 from pipeline.stages.evaluate import run_evaluation
-from pipeline.vae.model import loss_terms
+from pipeline.vae.model import VAE, loss_terms
 
 
 @pytest.fixture(scope="module")
@@ -168,3 +168,25 @@ def test_the_registry_describes_the_methods(served) -> None:
         assert all(method in text for method in ("decode", "encode", "reconstruct", "score"))
     assert version.description.startswith(f"Trained in run {run_id}; test_loss ")
     assert os.path.basename(version.source).startswith("m-")  # the logged model's own URI
+
+
+def test_a_model_logged_before_the_package_had_layers_still_loads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # What `tracking.log_vae_model` logged until 2026-12-02: its entry point imported the VAE's
+    # pyfunc class from `pipeline.serving`, a module that has moved since.
+    entry = tmp_path / "mlflow_model.py"
+    entry.write_text(
+        "from mlflow.models import set_model\n\nfrom pipeline.serving import VAEModel\n\n"
+        "set_model(VAEModel())\n"
+    )
+    weights = tmp_path / "vae.safetensors"
+    save_vae(VAE(16, 3), weights)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    with mlflow.start_run():
+        info = mlflow.pyfunc.log_model(
+            name="model", python_model=str(entry), artifacts={"weights": str(weights)}
+        )
+    model = mlflow.pyfunc.load_model(info.model_uri)
+    assert model.predict(np.zeros((2, 3), np.float32)).shape == (2, 784)
