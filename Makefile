@@ -5,7 +5,7 @@ INSTALLED := $(VENV)/.installed
 # Stage commands in dvc.yaml call `python`: make it the virtual environment's.
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: venv repro test test-fast lint format bench mutants promote report stack paper sweep clean
+.PHONY: venv browser repro test test-fast lint format bench mutants promote report stack paper sweep explore clean
 
 venv: $(INSTALLED)
 
@@ -17,8 +17,14 @@ $(INSTALLED): pyproject.toml
 repro: $(INSTALLED)
 	dvc repro
 
-test: $(INSTALLED)
+test: $(INSTALLED) browser
 	pytest --durations=0 --durations-min=1.0
+
+# The explorer's browser test drives Debian's Chromium (Playwright's own download is not reachable).
+browser:
+	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && { apt-get install -y -q chromium \
+		|| { apt-get update -q && apt-get install -y -q chromium; }; }; } \
+		|| echo "no Chromium installed: the explorer's browser test will say so and skip"
 
 test-fast: $(INSTALLED)
 	pytest -m "not slow"
@@ -61,6 +67,10 @@ paper: $(INSTALLED)
 sweep: $(INSTALLED)
 	dvc repro preprocess
 	mnist-vae sweep
+
+# The latent-space explorer on http://127.0.0.1:7860, for the registry's @champion.
+explore: $(INSTALLED)
+	mnist-vae explore
 
 # PostgreSQL, SeaweedFS (S3) and an MLflow server on 127.0.0.1, state in .stack/; Ctrl-C stops them.
 stack: $(INSTALLED)

@@ -62,7 +62,7 @@ class Started(Exception):
     pass
 
 
-COMMANDS = ("promote", "generate", "report", "paper", "sweep", "stack", "bench")
+COMMANDS = ("promote", "generate", "report", "paper", "explore", "sweep", "stack", "bench")
 
 
 @pytest.mark.parametrize(

@@ -81,6 +81,26 @@ def paper(args: argparse.Namespace) -> None:
     sys.exit(subprocess.run(command).returncode)
 
 
+def explore(args: argparse.Namespace) -> None:
+    from pipeline.commands.explore import TEST_DIGITS, build
+    from pipeline.commands.latent import Explorer
+    from pipeline.data.splits import load_split
+    from pipeline.paths import TEST_SPLIT
+    from pipeline.tracking import store
+
+    model = store.load_model(args.model)
+    width = int(model.metadata.metadata.get("image_dim", 0))
+    if width != 784:
+        raise PipelineError(f"{args.model} is not an MNIST VAE (images of {width} pixels, not 784)")
+    images, labels = load_split(TEST_SPLIT)
+    explorer = Explorer(model, images[:TEST_DIGITS].numpy(), labels[:TEST_DIGITS].numpy())
+    title = f"{store.describe_model(args.model)}, {explorer.latent_dim} latent units"
+    print(f"exploring {title} on http://{args.host}:{args.port} (Ctrl-C stops it)", flush=True)
+    build(explorer, title).launch(
+        server_name=args.host, server_port=args.port, share=False, quiet=True
+    )
+
+
 def sweep(args: argparse.Namespace) -> None:
     from pipeline.config import load_params
     from pipeline.tools.sweep import run
@@ -136,6 +156,11 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--epochs", type=int, default=3280, help="the paper trains 3,280")
     e.add_argument("--k", type=int, default=5000, help="IWAE samples for the test NLL")
     e.set_defaults(run=paper)
+    x = commands.add_parser("explore", help="a page to play with a model, on 127.0.0.1")
+    x.add_argument("--model", default="models:/mnist-vae@champion", help="an MLflow model URI")
+    x.add_argument("--host", default="127.0.0.1", help="where it listens (only this machine)")
+    x.add_argument("--port", type=int, default=7860)
+    x.set_defaults(run=explore)
     w = commands.add_parser("sweep", help="join an Optuna study: trials as MLflow child runs")
     w.add_argument("--study", help="the study's name (default: sweep.study)")
     w.add_argument("--trials", type=int, help="finished trials to stop at (default: sweep.trials)")

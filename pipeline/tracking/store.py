@@ -108,3 +108,21 @@ def load_model(uri: str) -> mlflow.pyfunc.PyFuncModel:
         return mlflow.pyfunc.load_model(uri)
     except (MlflowException, OSError) as exc:
         raise TrackingError(f"cannot load model {uri} from {store}: {first_line(exc)}") from None
+
+
+def describe_model(uri: str) -> str:
+    """A model URI with the registry version it resolves to: `models:/mnist-vae@champion
+    (version 3, run 5f0c...)`; other URIs as they are."""
+    if not uri.startswith("models:/"):
+        return uri
+    name, _, which = uri.removeprefix("models:/").partition("@")
+    client = MlflowClient()
+    try:
+        if which:
+            version = client.get_model_version_by_alias(name, which)
+        else:
+            name, _, number = name.partition("/")
+            version = client.get_model_version(name, number)
+    except MlflowException:
+        return uri
+    return f"{uri} (version {version.version}, run {version.run_id[:8]})"

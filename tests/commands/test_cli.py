@@ -12,7 +12,9 @@ import yaml
 from helpers.repo import REPO_ROOT, committed_params
 from pipeline import commands
 
-COMMANDS = {"promote", "generate", "score", "report", "paper", "sweep", "stack", "bench"}
+COMMANDS = {
+    "promote", "generate", "score", "report", "paper", "explore", "sweep", "stack", "bench",
+}  # fmt: skip
 
 
 def test_the_console_script_lists_every_command() -> None:
@@ -33,7 +35,7 @@ def test_python_m_pipeline_is_the_same_command() -> None:
 
 def test_make_targets_call_the_console_script() -> None:
     makefile = (REPO_ROOT / "Makefile").read_text()
-    for target in ("promote", "report", "paper", "sweep", "stack", "bench"):
+    for target in ("promote", "report", "paper", "explore", "sweep", "stack", "bench"):
         assert f"\tmnist-vae {target}" in makefile, target
     assert "python -m pipeline" not in makefile
 
@@ -76,3 +78,13 @@ def test_paper_refuses_a_length_params_yaml_would_refuse_before_dvc_runs(
     assert capsys.readouterr().err.strip().splitlines() == [
         "error: params.yaml with preset burda2015: train.epochs = 0 is out of range; must be >= 1"
     ]
+
+
+def test_explore_with_a_model_that_does_not_exist_is_one_line_at_start(
+    workdir: Path, capsys: pytest.CaptureFixture
+) -> None:
+    with pytest.raises(SystemExit) as failed:
+        commands.main(["explore", "--model", "models:/nope@champion", "--port", "1"])
+    assert failed.value.code == 1
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("error: cannot load model models:/nope@champion from sqlite:///")
