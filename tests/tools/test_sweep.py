@@ -13,6 +13,7 @@ from optuna.trial import TrialState
 from pipeline import commands
 from pipeline.config import load_params
 from pipeline.errors import Interrupted
+from pipeline.tools import study as study_of
 from pipeline.tools import sweep
 
 TINY = {
@@ -29,7 +30,7 @@ TINY = {
 @pytest.fixture(autouse=True)
 def one_worker(monkeypatch: pytest.MonkeyPatch) -> None:
     """No other worker races for the parent run here: no need to wait for one."""
-    monkeypatch.setattr(sweep, "SETTLE_S", 0.0)
+    monkeypatch.setattr(study_of, "SETTLE_S", 0.0)
 
 
 @pytest.fixture
@@ -38,7 +39,7 @@ def study(workdir: Path, set_params):
     learns, then one whose rate barely moves the weights, which the median pruner stops."""
     set_params(workdir, sweep=TINY)
     url = f"sqlite:///{workdir / 'optuna.db'}"
-    created = sweep.open_study("tiny", url, load_params().sweep)
+    created = study_of.open_study("tiny", url, load_params().sweep)
     created.enqueue_trial({"train.lr": 3e-3, "model.hidden_dim": 32, "model.latent_dim": 4,
                            "train.batch_size": 32})  # fmt: skip
     created.enqueue_trial({"train.lr": 1e-4, "model.hidden_dim": 16, "model.latent_dim": 4,
@@ -54,9 +55,9 @@ def test_three_trials_are_child_runs_of_one_parent_and_one_is_pruned(
     study: str, workdir: Path, capsys: pytest.CaptureFixture
 ) -> None:
     run_sweep(study)
-    trials = sweep.open_study("tiny", study, load_params().sweep).get_trials()
+    trials = study_of.open_study("tiny", study, load_params().sweep).get_trials()
     assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.PRUNED, trials[2].state]
-    assert trials[2].state in sweep.FINISHED and len(trials) == 3  # exactly the three asked for
+    assert trials[2].state in study_of.FINISHED and len(trials) == 3  # exactly the three asked for
     pruned = sum(t.state == TrialState.PRUNED for t in trials)
     said = f"study tiny: 3 trials finished ({pruned} pruned); best trial "
     assert said in capsys.readouterr().out
@@ -96,7 +97,7 @@ def test_best_prints_the_dvc_experiment_that_retrains_the_winner(
     capsys.readouterr()
     run_sweep(study, "--best")
     command = capsys.readouterr().out.strip().split()
-    best = sweep.open_study("tiny", study, load_params().sweep).best_trial
+    best = study_of.open_study("tiny", study, load_params().sweep).best_trial
     assert command[:5] == ["dvc", "exp", "run", "-n", f"tiny-t{best.number}"]
     chosen = dict(flag.removeprefix("-S").split("=") for flag in command[5:])
     assert chosen.keys() == best.params.keys()
@@ -111,7 +112,7 @@ def test_an_unknown_study_or_one_without_a_complete_trial_has_no_best(
         run_sweep(f"sqlite:///{workdir / 'optuna.db'}", "--best")
     assert failed.value.code == 1
     assert capsys.readouterr().err.strip().endswith("; its studies: none")
-    sweep.open_study("tiny", f"sqlite:///{workdir / 'optuna.db'}", load_params().sweep)
+    study_of.open_study("tiny", f"sqlite:///{workdir / 'optuna.db'}", load_params().sweep)
     with pytest.raises(SystemExit):
         run_sweep(f"sqlite:///{workdir / 'optuna.db'}", "--best")
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
@@ -144,7 +145,7 @@ def test_ctrl_c_marks_the_trial_and_its_run_then_stops_the_worker_in_one_line(
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         "error: interrupted by SIGINT; no output was half-written: run it again"
     )
-    trial, waiting = sweep.open_study("tiny", study, load_params().sweep).get_trials()
+    trial, waiting = study_of.open_study("tiny", study, load_params().sweep).get_trials()
     assert (trial.state, waiting.state) == (TrialState.FAIL, TrialState.WAITING)  # it stopped
     client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
     assert client.get_run(trial.user_attrs["mlflow_run_id"]).info.status == "KILLED"
