@@ -4,6 +4,7 @@ data set."""
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 from pathlib import Path
 
@@ -72,3 +73,23 @@ def make_workdir(folder: Path, mlflow_template: Path) -> Path:
     write_params(work)
     shutil.copy(mlflow_template, work / "mlflow.db")
     return work
+
+
+def train_tiny() -> str:
+    """Run the train stage in the working folder on one thread; the MLflow run's id."""
+    from pipeline.config import load_params
+    from pipeline.paths import RUN_INFO
+    from pipeline.stages import train as train_stage
+
+    torch.set_num_threads(1)
+    train_stage.train(load_params())
+    return json.loads(RUN_INFO.read_text())["run_id"]
+
+
+def run_evaluation_after_training() -> dict:
+    """Train, then evaluate (which registers the model); evaluate's metrics."""
+    from pipeline.config import load_params
+    from pipeline.stages.evaluate import run_evaluation
+
+    train_tiny()
+    return run_evaluation(load_params())

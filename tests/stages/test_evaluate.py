@@ -8,9 +8,9 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
+from helpers.workdir import run_evaluation_after_training, train_tiny
 from pipeline.config import load_params
 from pipeline.paths import EVAL_BREAKDOWN, EVAL_METRICS, RUN_INFO
-from pipeline.stages import train as train_stage
 from pipeline.stages.evaluate import run_evaluation
 from pipeline.vae.evaluation import (
     elbo_terms,
@@ -19,12 +19,6 @@ from pipeline.vae.evaluation import (
 
 def generator(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
-
-
-def train_tiny() -> str:
-    torch.set_num_threads(1)
-    train_stage.train(load_params())
-    return json.loads(RUN_INFO.read_text())["run_id"]
 
 
 def test_evaluate_logs_to_the_run_that_trained_the_model(workdir: Path) -> None:
@@ -99,11 +93,6 @@ def test_dynamic_binarisation_evaluates_on_one_fixed_binary_test_set(
     recon, kl = elbo_terms(load_vae(WEIGHTS), binarize_once(images, 3), 64, generator(seed))
     assert binary["test_loss"] == pytest.approx((recon + kl).mean().item(), rel=1e-6)
     assert all(math.isfinite(v) for v in binary["loss_per_class"].values())
-
-
-def run_evaluation_after_training() -> dict:
-    train_tiny()
-    return run_evaluation(load_params())
 
 
 def test_a_later_model_becomes_candidate_but_not_champion(workdir: Path, set_params) -> None:

@@ -1,6 +1,5 @@
 """The sample stage: every figure as a PNG and in the run, each showing what its title says."""
 
-import json
 from pathlib import Path
 
 import torch
@@ -8,18 +7,12 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from helpers.repo import FIGURE_NAMES
+from helpers.workdir import train_tiny
 from pipeline.config import load_params
 from pipeline.data.files import read_csv_numbers
-from pipeline.paths import FIGURES, RUN_INFO, TRAIN_HISTORY
-from pipeline.stages import train as train_stage
+from pipeline.paths import FIGURES, TRAIN_HISTORY
 from pipeline.stages.sample import run_sampling
 from pipeline.vae.figures import draw_all
-
-
-def train_tiny() -> str:
-    torch.set_num_threads(1)
-    train_stage.train(load_params())
-    return json.loads(RUN_INFO.read_text())["run_id"]
 
 
 def test_sample_writes_every_figure_as_a_png_and_logs_it(workdir: Path) -> None:

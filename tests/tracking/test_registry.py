@@ -1,34 +1,19 @@
 """The registry: versions, @candidate and @champion, like-for-like promotion."""
 
-import json
 import shutil
 from pathlib import Path
 
 import mlflow
 import pytest
-import torch
 from mlflow.tracking import MlflowClient
 
+from helpers.workdir import run_evaluation_after_training
 from pipeline.config import RegistryConfig, load_params
 from pipeline.data.weights import save_vae
 from pipeline.errors import RegistryError
-from pipeline.paths import RUN_INFO
-from pipeline.stages import train as train_stage
-from pipeline.stages.evaluate import run_evaluation
 from pipeline.tracking import registry
 from pipeline.tracking.pyfunc import log_vae_model
 from pipeline.vae.model import VAE
-
-
-def train_tiny() -> str:
-    torch.set_num_threads(1)
-    train_stage.train(load_params())
-    return json.loads(RUN_INFO.read_text())["run_id"]
-
-
-def run_evaluation_after_training() -> dict:
-    train_tiny()
-    return run_evaluation(load_params())
 
 
 def test_promote_refuses_a_candidate_evaluated_unlike_the_champion(
