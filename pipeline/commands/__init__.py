@@ -82,16 +82,17 @@ def paper(args: argparse.Namespace) -> None:
 
 
 def explore(args: argparse.Namespace) -> None:
-    from pipeline.commands.explore import TEST_DIGITS, build
     from pipeline.commands.latent import Explorer
     from pipeline.data.splits import load_split
     from pipeline.paths import TEST_SPLIT
     from pipeline.tracking import store
 
-    model = store.load_model(args.model)
+    model = store.load_model(args.model)  # a wrong URI fails here, before Gradio loads
     width = int(model.metadata.metadata.get("image_dim", 0))
     if width != 784:
         raise PipelineError(f"{args.model} is not an MNIST VAE (images of {width} pixels, not 784)")
+    from pipeline.commands.explore import TEST_DIGITS, build
+
     images, labels = load_split(TEST_SPLIT)
     explorer = Explorer(model, images[:TEST_DIGITS].numpy(), labels[:TEST_DIGITS].numpy())
     title = f"{store.describe_model(args.model)}, {explorer.latent_dim} latent units"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -171,7 +172,7 @@ def test_the_registry_describes_the_methods(served) -> None:
 
 
 def test_a_model_logged_before_the_package_had_layers_still_loads(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mlflow_template: Path
 ) -> None:
     # What `tracking.log_vae_model` logged until 2026-12-02: its entry point imported the VAE's
     # pyfunc class from `pipeline.serving`, a module that has moved since.
@@ -182,11 +183,15 @@ def test_a_model_logged_before_the_package_had_layers_still_loads(
     )
     weights = tmp_path / "vae.safetensors"
     save_vae(VAE(16, 3), weights)
+    shutil.copy(mlflow_template, tmp_path / "mlflow.db")  # migrated already: seconds saved
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
     with mlflow.start_run():
         info = mlflow.pyfunc.log_model(
-            name="model", python_model=str(entry), artifacts={"weights": str(weights)}
+            name="model",
+            python_model=str(entry),
+            artifacts={"weights": str(weights)},
+            pip_requirements=["torch"],  # declared: inferring them loads the model in a subprocess
         )
     model = mlflow.pyfunc.load_model(info.model_uri)
     assert model.predict(np.zeros((2, 3), np.float32)).shape == (2, 784)
