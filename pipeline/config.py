@@ -68,6 +68,7 @@ class TrainConfig:
     adam_v0: float = _check(at_least=0)  # the second moment's start: 0 in Adam, 1 in Burda's code
     seed: int = _check(at_least=0)
     device: Literal["auto", "cpu", "cuda"]
+    step: Literal["auto", "fast", "autograd"]
 
 
 @dataclass(frozen=True)

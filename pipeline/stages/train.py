@@ -23,6 +23,7 @@ def train(params: Params) -> None:
     runtime.flush_denormals()  # first: torch's worker threads copy it when they start
     cfg, shape, data = params.train, params.model, params.data
     device = runtime.pick_device(cfg.device)
+    fast = training.use_fast_step(cfg.step, device)
     experiment_id = store.connect(params.mlflow.experiment)  # fails fast, before any training
     torch.manual_seed(cfg.seed)
     train_x = training_images(paths.TRAIN_SPLIT, data.holdout, device)
@@ -45,6 +46,7 @@ def train(params: Params) -> None:
             model, optimizer, train_x, test_x, first_epoch=len(history) + 1, epochs=cfg.epochs,
             batch_size=cfg.batch_size, binarize=binarize, stop=stop,
             lr_at=partial(training.learning_rate, cfg.schedule, cfg.lr),
+            fast=fast,
         )  # fmt: skip
         first_new = len(history)
         try:

@@ -11,12 +11,14 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, fields
 from datetime import timedelta
+from functools import partial
 
 import torch
 from tqdm import tqdm
 
-from pipeline.errors import NonFiniteLoss
+from pipeline.errors import ConfigError, NonFiniteLoss
 from pipeline.runtime import StopRequest
+from pipeline.vae.fast_step import FastStep
 from pipeline.vae.model import VAE, loss_terms
 
 
@@ -103,6 +105,38 @@ def schedule_stage(epoch: int) -> int:
     return stage
 
 
+def autograd_step(
+    model: VAE,
+    optimizer: torch.optim.Optimizer,
+    images: torch.Tensor,
+    index: torch.Tensor,
+    binarize: bool,
+    terms: torch.Tensor,
+) -> None:
+    """One step of the reference path: model.py's loss, autograd's gradients, Adam; the batch's
+    summed reconstruction and KL terms go into `terms`."""
+    x = images[index]
+    if binarize:  # dynamic binarisation: a fresh Bernoulli(pixel) sample, drawn as U < pixel
+        x = (torch.rand_like(x) < x).to(x.dtype)  # (torch.bernoulli: the same law, 4x the time)
+    recon, kl = loss_terms(model, x)
+    batch_terms = torch.stack([recon.sum(), kl.sum()])
+    loss = batch_terms.sum()  # summed over the batch, as the lab (and the PyTorch example) does
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    terms.copy_(batch_terms.detach())
+
+
+def use_fast_step(step: str, device: torch.device) -> bool:
+    """train.step: `auto` is the hand-written step (fast_step.py) on the CPU, autograd elsewhere."""
+    if step == "fast" and device.type != "cpu":
+        raise ConfigError(
+            f"train.step: fast runs on the CPU only, and the device is {device.type}; "
+            "set train.step to auto or autograd"
+        )
+    return step == "fast" or (step == "auto" and device.type == "cpu")
+
+
 def train_epoch(
     model: VAE,
     optimizer: torch.optim.Optimizer,
@@ -112,30 +146,26 @@ def train_epoch(
     epoch: int,
     epochs: int,
     stop: StopRequest | None = None,
+    fast: bool = False,
 ) -> tuple[float, float]:
     """One pass over `images` in a random order; returns the mean recon and KL per image.
 
-    `stop` is checked before each batch: an interrupted epoch is dropped whole.
+    `fast` takes the hand-written step of fast_step.py instead of autograd's. `stop` is checked
+    before each batch: an interrupted epoch is dropped whole.
     """
     model.train()
     batches = torch.randperm(len(images), device=images.device).split(batch_size)
     sums = torch.zeros(len(batches), 2, device=images.device)  # per batch: recon, KL
+    step = FastStep(model, optimizer) if fast else partial(autograd_step, model, optimizer)
     progress = tqdm(
         batches, desc=f"epoch {epoch}/{epochs}", leave=False, disable=not sys.stderr.isatty()
     )
     for i, index in enumerate(progress):
         if stop is not None:
             stop.check()
-        x = images[index]
-        if binarize:  # dynamic binarisation: a fresh Bernoulli sample of every image, every time
-            x = torch.bernoulli(x)
-        recon, kl = loss_terms(model, x)
-        terms = torch.stack([recon.sum(), kl.sum()])
-        loss = terms.sum()  # summed over the batch, as the lab (and the PyTorch example) does
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        sums[i] = terms.detach()
+        step(images, index, binarize, sums[i])
+    if fast:
+        step.write_back()
     losses = sums.sum(dim=1)
     bad = (~torch.isfinite(losses)).nonzero()
     if len(bad):
@@ -176,16 +206,18 @@ def fit(
     binarize: bool,
     stop: StopRequest | None = None,
     lr_at: Callable[[int], float] | None = None,
+    fast: bool = False,
 ) -> Iterator[Epoch]:
     """Train epochs `first_epoch`..`epochs`, yielding each one's history row as it ends;
-    `lr_at(epoch)`, when given, sets the learning rate of each epoch."""
+    `lr_at(epoch)`, when given, sets the learning rate of each epoch; `fast` as in
+    `train_epoch`."""
     for epoch in range(first_epoch, epochs + 1):
         if lr_at is not None:
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(epoch)
         start = time.perf_counter()
         train_recon, train_kl = train_epoch(
-            model, optimizer, train_images, batch_size, binarize, epoch, epochs, stop
+            model, optimizer, train_images, batch_size, binarize, epoch, epochs, stop, fast
         )
         seconds = time.perf_counter() - start
         test_recon, test_kl = evaluate_loss(model, test_images)
