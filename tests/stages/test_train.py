@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import mlflow
@@ -37,6 +38,7 @@ from pipeline.paths import (
 from pipeline.stages import train as train_stage
 from pipeline.tracking import runs
 from pipeline.vae import training
+from pipeline.vae.fast_step import FastStep
 
 
 def test_train_twice_gives_identical_weights_history_and_metrics(workdir: Path, set_params) -> None:
@@ -217,20 +219,40 @@ def test_a_stale_checkpoint_of_other_params_is_not_resumed(
     assert run_train() == resumed  # same as a run that never saw the stale checkpoint
 
 
-@pytest.mark.parametrize("binarize", ["none", "dynamic"])
-def test_training_consumes_the_pixels_data_binarize_asks_for(
-    workdir: Path, monkeypatch: pytest.MonkeyPatch, set_params, binarize: str
+def spy_on_training_batches(
+    monkeypatch: pytest.MonkeyPatch, step: str, change: Callable[[int, torch.Tensor], None]
 ) -> None:
-    set_params(workdir, data={"binarize": binarize}, train={"epochs": 2})
-    consumed = []
+    """After the n-th training batch's loss terms, call `change(n, images, terms)` (terms on the
+    autograd path: the per-image recon; on the fast path: the batch's [recon, KL] sums)."""
+    calls = iter(range(1, 10**6))
+    if step == "fast":
+        forward = FastStep.forward
+
+        def spy(self, buffers, x, terms):
+            forward(self, buffers, x, terms)
+            change(next(calls), x, terms)
+
+        monkeypatch.setattr(FastStep, "forward", spy)
+        return
     loss_terms = training.loss_terms
 
     def spy(model, x, generator=None):
+        recon, kl = loss_terms(model, x, generator)
         if generator is None:  # a training step (the per-epoch test loss passes a generator)
-            consumed.append(x.detach().clone())
-        return loss_terms(model, x, generator)
+            change(next(calls), x, recon)
+        return recon, kl
 
     monkeypatch.setattr(training, "loss_terms", spy)
+
+
+@pytest.mark.parametrize("step", ["fast", "autograd"])
+@pytest.mark.parametrize("binarize", ["none", "dynamic"])
+def test_training_consumes_the_pixels_data_binarize_asks_for(
+    workdir: Path, monkeypatch: pytest.MonkeyPatch, set_params, binarize: str, step: str
+) -> None:
+    set_params(workdir, data={"binarize": binarize}, train={"epochs": 2, "step": step})
+    consumed = []
+    spy_on_training_batches(monkeypatch, step, lambda n, x, _: consumed.append(x.clone()))
     run_train()
     grey, _ = load_split(TRAIN_SPLIT)
     epochs = [torch.cat(consumed[:8]), torch.cat(consumed[8:])]  # 256 images, 32 a batch
@@ -281,22 +303,19 @@ def test_burdas_protocol_trains_its_network_on_the_first_images_with_its_schedul
         run_train()
 
 
+@pytest.mark.parametrize("step", ["fast", "autograd"])
 def test_a_nan_loss_stops_with_epoch_and_batch_and_keeps_the_last_checkpoint(
-    workdir: Path, monkeypatch: pytest.MonkeyPatch
+    workdir: Path, monkeypatch: pytest.MonkeyPatch, set_params, step: str
 ) -> None:
+    set_params(workdir, train={"step": step})
     WEIGHTS.parent.mkdir(parents=True)
     WEIGHTS.write_bytes(b"previous outputs")
-    calls = {"n": 0}
-    loss_terms = training.loss_terms
 
-    def nan_in_epoch_2(model, x, generator=None):
-        if generator is not None:  # the per-epoch test-set evaluation
-            return loss_terms(model, x, generator)
-        calls["n"] += 1
-        recon, kl = loss_terms(model, x, generator)
-        return (recon * float("nan"), kl) if calls["n"] == 8 + 3 else (recon, kl)
+    def nan_in_epoch_2(n: int, x: torch.Tensor, terms: torch.Tensor) -> None:
+        if n == 8 + 3:  # 8 batches an epoch
+            terms[0] = float("nan")
 
-    monkeypatch.setattr(training, "loss_terms", nan_in_epoch_2)  # 8 batches an epoch
+    spy_on_training_batches(monkeypatch, step, nan_in_epoch_2)
     with pytest.raises(training.NonFiniteLoss, match=r"loss became nan at epoch 2, batch 3 of 8"):
         run_train()
     assert torch.load(CHECKPOINT, weights_only=True)["epoch"] == 1
