@@ -1,11 +1,19 @@
-"""`make bench` (`mnist-vae bench`): one training epoch four ways, then the real train stage.
+"""`make bench` (`mnist-vae bench`): the lab's epoch five ways, the paper's step three ways, and
+the real train stage.
 
+The lab's shape (params.yaml), one epoch each:
 - dataloader: the idiomatic path (torchvision MNIST + ToTensor + DataLoader(128, shuffle=True));
-- ours:       the train stage's loop (one tensor on the device, a permutation sliced into batches);
-- floor:      the same forward and backward matrix products on one resident batch, with no
-              optimizer step and no data work: what no data pipeline can beat;
-- floor+adam: the floor plus the optimizer step, so the gap between ours and the floor splits
+- ours:       the train stage's loop (one tensor on the device, a permutation sliced into batches,
+              the step train.step picks: fast_step.py on the CPU);
+- autograd:   the same loop with the reference step (model.py, autograd, fused Adam);
+- floor:      autograd's forward and backward on one resident batch, with no optimizer step and
+              no data work;
+- floor+adam: the floor plus the optimizer step, so the gap between autograd and the floor splits
               into what the data costs and what Adam costs.
+
+The paper's shape (pipeline/presets/burda2015.yaml: 784-200-200-50 tanh, batch 20, binarised),
+per step: ours (fast_step.py), autograd (the reference step), and the floor: the step's 17 matrix
+products alone (6 forward, 6 weight gradients, 5 input gradients) into buffers allocated once.
 
 Each path runs one warm-up epoch; then they take turns for `--repeats` rounds, so a drift in the
 machine's speed touches them alike, and each keeps its best epoch. Last, `python -m
@@ -24,6 +32,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -31,18 +40,21 @@ from mlflow.tracking import MlflowClient
 from torch.utils.data import DataLoader
 from torchvision import datasets, transforms
 
-from pipeline.config import load_params
+from pipeline.config import load_params, load_params_with, read_preset
 from pipeline.data.splits import load_split
 from pipeline.paths import PROCESSED, RAW_ROOT, RUN_INFO, TRAIN_SPLIT
 from pipeline.runtime import flush_denormals
 from pipeline.tracking.runs import read_run_info
+from pipeline.vae.fast_step import FastStep
 from pipeline.vae.model import VAE, loss_terms
-from pipeline.vae.training import make_optimizer, train_epoch
+from pipeline.vae.training import autograd_step, make_optimizer, train_epoch, use_fast_step
 
 # ours against the DataLoader path and the floor; the stage's epochs against ours; the stage's
 # time outside its epochs (imports, the store, pictures, checkpoints, the model) in seconds.
 TARGET_SPEEDUP, TARGET_OVER_FLOOR = 2.5, 1.2
 TARGET_STAGE_EPOCH, TARGET_OUTSIDE_S = 1.1, 5.0
+TARGET_PAPER_OVER_FLOOR = 2.0  # the paper's step against its matrix products alone
+PAPER_STEPS = 1000  # steps a round times, per path
 
 
 def best_of_rounds(epochs: dict[str, Callable[[], None]], rounds: int) -> dict[str, float]:
@@ -100,12 +112,62 @@ def time_train_stage() -> tuple[float, list[float]]:
         return wall, [metric.value for metric in sorted(logged, key=lambda m: m.step)]
 
 
+def matmul_floor(step: FastStep, batch: int) -> Callable[[], None]:
+    """The matrix products of one `step` on a batch of `batch`, without anything around them."""
+    layers = [*step.encoder, step.heads, *step.decoder]
+    weights, grads = [layer.weight for layer in layers], [layer.weight_grad for layer in layers]
+    outputs = [torch.empty(batch, w.shape[0]) for w in weights]
+    inputs = [torch.rand(batch, w.shape[1]) for w in weights]
+    input_grads = [torch.empty(batch, w.shape[1]) for w in weights]
+
+    def products() -> None:
+        for w, g, x, y, dx in zip(weights, grads, inputs, outputs, input_grads, strict=True):
+            torch.mm(x, w.t(), out=y)  # forward
+            torch.mm(y.t(), x, out=g)  # the weight's gradient
+            if dx is not input_grads[0]:  # no gradient on the images
+                torch.mm(y, w, out=dx)
+
+    return products
+
+
+def paper_steps(repeats: int) -> dict[str, float]:
+    """Seconds a step of the paper's shape takes: ours, autograd, the floor (best round)."""
+    params = load_params_with(read_preset("burda2015"), "preset burda2015")
+    shape, cfg = params.model, params.train
+    images, _ = load_split(TRAIN_SPLIT)
+    batches = torch.randperm(len(images)).split(cfg.batch_size)[:PAPER_STEPS]
+    models, optimizers = [], []
+    for _ in range(2):
+        models.append(
+            VAE(shape.hidden_dim, shape.latent_dim, shape.hidden_layers, shape.activation)
+        )
+        betas = (cfg.adam_beta1, cfg.adam_beta2)
+        optimizers.append(make_optimizer(models[-1], cfg.lr, betas, cfg.adam_eps, cfg.adam_v0))
+    fast = FastStep(models[0], optimizers[0])
+    terms = torch.zeros(2)
+
+    def steps(step: Callable[..., None]) -> Callable[[], None]:
+        return lambda: [step(images, index, True, terms) for index in batches]
+
+    floor = matmul_floor(fast, cfg.batch_size)
+    best = best_of_rounds(
+        {
+            "ours": steps(fast),
+            "autograd": steps(partial(autograd_step, models[1], optimizers[1])),
+            "floor": lambda: [floor() for _ in batches],
+        },
+        repeats,
+    )
+    return {name: seconds / len(batches) for name, seconds in best.items()}
+
+
 def verdict(ok: bool) -> str:
     return "ok" if ok else "MISSED"
 
 
 def run(repeats: int = 5) -> None:
-    """Time the four paths and the train stage; print the figures and the targets."""
+    """Time the lab's five paths, the paper's three and the train stage; print the figures and
+    the targets."""
     flush_denormals()  # as the train stage does, for all three paths alike
     params = load_params()
     hidden, latent = params.model.hidden_dim, params.model.latent_dim
@@ -114,8 +176,10 @@ def run(repeats: int = 5) -> None:
 
     images, _ = load_split(TRAIN_SPLIT)
     n_batches = -(-len(images) // batch_size)
-    ours_model = VAE(hidden, latent)
+    ours_model, autograd_model = VAE(hidden, latent), VAE(hidden, latent)
     ours_optimizer = make_optimizer(ours_model, params.train.lr)
+    autograd_optimizer = make_optimizer(autograd_model, params.train.lr)
+    fast = use_fast_step(params.train.step, torch.device("cpu"))
     dataset = datasets.MNIST(RAW_ROOT, train=True, download=False, transform=transforms.ToTensor())
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=True)
     idiomatic_model = VAE(hidden, latent)
@@ -127,7 +191,10 @@ def run(repeats: int = 5) -> None:
         {
             "dataloader": lambda: dataloader_epoch(idiomatic_model, idiomatic_optimizer, loader),
             "ours": lambda: train_epoch(
-                ours_model, ours_optimizer, images, batch_size, False, 1, 1
+                ours_model, ours_optimizer, images, batch_size, False, 1, 1, fast=fast
+            ),
+            "autograd": lambda: train_epoch(
+                autograd_model, autograd_optimizer, images, batch_size, False, 1, 1
             ),
             "floor": lambda: floor_epoch(floor_model, images[:batch_size], n_batches),
             "floor+adam": lambda: floor_epoch(
@@ -136,10 +203,11 @@ def run(repeats: int = 5) -> None:
         },
         repeats,
     )
-    idiomatic, ours, floor, stepped = (
-        best[k] for k in ("dataloader", "ours", "floor", "floor+adam")
+    idiomatic, ours, autograd, floor, stepped = (
+        best[k] for k in ("dataloader", "ours", "autograd", "floor", "floor+adam")
     )
     speedup, over_floor = idiomatic / ours, ours / floor
+    paper = paper_steps(repeats)
     stage_wall, stage_epochs = time_train_stage()
     stage_epoch, outside = min(stage_epochs), stage_wall - sum(stage_epochs)
     print(
@@ -147,8 +215,9 @@ def run(repeats: int = 5) -> None:
         f"{torch.get_num_threads()} threads, best of {repeats}:"
     )
     print(f"  dataloader (torchvision + DataLoader)  {idiomatic:6.2f} s")
-    print(f"  ours (one tensor, sliced)              {ours:6.2f} s")
-    print(f"  floor (forward and backward only)      {floor:6.2f} s")
+    print(f"  ours (one tensor, sliced, step {'fast' if fast else 'autograd'})  {ours:6.2f} s")
+    print(f"  the same with the autograd step        {autograd:6.2f} s")
+    print(f"  floor (autograd forward and backward)  {floor:6.2f} s")
     print(f"  floor + Adam step                      {stepped:6.2f} s")
     print(
         f"  speed-up over the DataLoader path: {speedup:.2f}x (target >= {TARGET_SPEEDUP}x) "
@@ -157,10 +226,24 @@ def run(repeats: int = 5) -> None:
     print(
         f"  ours / floor: {over_floor:.2f}x (target <= {TARGET_OVER_FLOOR}x) "
         f"{verdict(over_floor <= TARGET_OVER_FLOOR)}; ours / (floor + Adam step): "
-        f"{ours / stepped:.2f}x"
+        f"{ours / stepped:.2f}x; autograd step / ours: {autograd / ours:.2f}x"
     )
     # No loop over the same model can beat the floor, so this bounds the speed-up from above.
     print(f"  the floor itself is {idiomatic / floor:.2f}x faster than the DataLoader path")
+    paper_over_floor = paper["ours"] / paper["floor"]
+    print(
+        f"the paper's step (784-200-200-50 tanh, batch 20, binarised), best of {repeats} rounds "
+        f"of {PAPER_STEPS} steps:"
+    )
+    print(f"  ours (fast_step.py)                    {paper['ours'] * 1e3:6.3f} ms")
+    print(f"  autograd (model.py, fused Adam)        {paper['autograd'] * 1e3:6.3f} ms")
+    print(f"  floor (its 17 matrix products alone)   {paper['floor'] * 1e3:6.3f} ms")
+    print(
+        f"  ours / floor: {paper_over_floor:.2f}x (target <= {TARGET_PAPER_OVER_FLOOR}x) "
+        f"{verdict(paper_over_floor <= TARGET_PAPER_OVER_FLOOR)}; autograd / floor: "
+        f"{paper['autograd'] / paper['floor']:.2f}x; autograd / ours: "
+        f"{paper['autograd'] / paper['ours']:.2f}x"
+    )
     print(f"train stage, {len(stage_epochs)} epochs, a store that exists: {stage_wall:.1f} s wall")
     stage_over_ours = stage_epoch / ours
     print(

@@ -19,6 +19,8 @@ paths train the same model up to float rounding. model.py stays the reference.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import accumulate
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -53,23 +55,43 @@ def flat_order(model: VAE) -> list[nn.Parameter]:
     return layers + heads + [p for layer in decoder for p in (layer.weight, layer.bias)]
 
 
+class Linear(NamedTuple):
+    """A layer's weight (and its transpose, for x W^T), bias and gradients: views of the flat
+    buffers, made once."""
+
+    weight: torch.Tensor
+    weight_t: torch.Tensor
+    bias: torch.Tensor
+    weight_grad: torch.Tensor
+    bias_grad: torch.Tensor
+
+
 @dataclass
 class Buffers:
     """Every activation and gradient of one batch size, allocated once."""
 
     x: torch.Tensor  # the batch, binarised in place
-    pixels: torch.Tensor  # uniform noise, then softplus(logits), then the logits' gradient
+    pixels: torch.Tensor  # uniform noise, then the reconstruction term, then dL/dlogits
+    positive: torch.Tensor  # max(logits, 0)
     encoder: list[torch.Tensor]  # each hidden layer's output
-    heads: torch.Tensor  # [mu, logvar], and then their gradient
+    heads: torch.Tensor  # [mu, logvar]
     heads_grad: torch.Tensor
     std: torch.Tensor
     eps: torch.Tensor
+    noise: torch.Tensor  # std eps = z - mu
     z: torch.Tensor
+    var: torch.Tensor
+    half_var_m1: torch.Tensor
+    kl: torch.Tensor
     z_grad: torch.Tensor
     decoder: list[torch.Tensor]
     logits: torch.Tensor
     hidden_grads: tuple[torch.Tensor, torch.Tensor]  # in turn: a product can't write its input
-    latent_tmp: torch.Tensor
+
+    def __post_init__(self) -> None:
+        latent = self.z.shape[1]
+        self.mu, self.logvar = self.heads[:, :latent], self.heads[:, latent:]
+        self.mu_grad, self.logvar_grad = self.heads_grad[:, :latent], self.heads_grad[:, latent:]
 
     def spare(self, grad: torch.Tensor) -> torch.Tensor:
         return self.hidden_grads[1] if grad is self.hidden_grads[0] else self.hidden_grads[0]
@@ -83,17 +105,21 @@ class Buffers:
         return cls(
             x=empty(IMAGE_DIM),
             pixels=empty(IMAGE_DIM),
+            positive=empty(IMAGE_DIM),
             encoder=[empty(hidden) for _ in range(layers)],
             heads=empty(2 * latent),
             heads_grad=empty(2 * latent),
             std=empty(latent),
             eps=empty(latent),
+            noise=empty(latent),
             z=empty(latent),
+            var=empty(latent),
+            half_var_m1=empty(latent),
+            kl=empty(latent),
             z_grad=empty(latent),
             decoder=[empty(hidden) for _ in range(layers)],
             logits=empty(IMAGE_DIM),
             hidden_grads=(empty(hidden), empty(hidden)),
-            latent_tmp=empty(latent),
         )
 
 
@@ -123,26 +149,30 @@ class FastStep:
         else:  # a fresh Adam: no state until its first step
             self.exp_avg, self.exp_avg_sq = (torch.zeros_like(self.params) for _ in range(2))
             self.step_count = torch.zeros((), device=self.params.device)
-        self.param_views, self.grad_views = self.views(self.params), self.views(self.grads)
+        self.encoder, self.heads, self.decoder = self.layers()
         self.forward_act, self.backward_act = ACTIVATIONS[model.activation]
         self.buffers: dict[int, Buffers] = {}
+        # constants as tensors: a Python number in an op is wrapped into a new tensor each call
+        self.one, self.minus_half = (
+            torch.tensor(c, device=self.params.device) for c in (1.0, -0.5)
+        )
 
-    def views(self, flat: torch.Tensor) -> dict[str, list[tuple[torch.Tensor, torch.Tensor]]]:
-        """(weight, bias) views of `flat` per layer: the encoder's, the joined heads', the
-        decoder's."""
-        tensors = self.views_of(flat)
-        n = 2 * self.model.hidden_layers  # the encoder's weights and biases, then the heads'
-        pairs = lambda ts: list(zip(ts[0::2], ts[1::2], strict=True))  # noqa: E731
-        mu_w, _, mu_b, _ = tensors[n : n + 4]
-        start = mu_w.storage_offset() - flat.storage_offset()
-        heads_w = flat[start : start + 2 * mu_w.numel()].view(2 * mu_w.shape[0], mu_w.shape[1])
-        start = mu_b.storage_offset() - flat.storage_offset()
-        heads_b = flat[start : start + 2 * mu_b.numel()]
-        return {
-            "encoder": pairs(tensors[:n]),
-            "heads": [(heads_w, heads_b)],
-            "decoder": pairs(tensors[n + 4 :]),
-        }
+    def layers(self) -> tuple[list[Linear], Linear, list[Linear]]:
+        """The encoder's layers, the two heads as one layer, the decoder's layers."""
+        offsets = [0, *accumulate(p.numel() for p in self.order)]
+
+        def linear(i: int, count: int = 1) -> Linear:  # `count` weights side by side, then biases
+            rows, columns = self.order[i].shape
+            weights = slice(offsets[i], offsets[i + count])
+            biases = slice(offsets[i + count], offsets[i + 2 * count])
+            weight = self.params[weights].view(count * rows, columns)
+            weight_grad = self.grads[weights].view(count * rows, columns)
+            return Linear(weight, weight.t(), self.params[biases], weight_grad, self.grads[biases])
+
+        n = 2 * self.model.hidden_layers  # the encoder's weights and biases come first
+        encoder = [linear(i) for i in range(0, n, 2)]
+        decoder = [linear(i) for i in range(n + 4, len(self.order), 2)]
+        return encoder, linear(n, count=2), decoder
 
     def __call__(
         self, images: torch.Tensor, index: torch.Tensor, binarize: bool, terms: torch.Tensor
@@ -167,64 +197,54 @@ class FastStep:
         )  # fmt: skip
 
     def forward(self, b: Buffers, x: torch.Tensor, terms: torch.Tensor) -> None:
-        views, latent = self.param_views, self.model.latent_dim
         h = x
-        for (weight, bias), out in zip(views["encoder"], b.encoder, strict=True):
-            h = self.forward_act(torch.addmm(bias, h, weight.t(), out=out))
-        ((heads_w, heads_b),) = views["heads"]
-        torch.addmm(heads_b, h, heads_w.t(), out=b.heads)
-        mu, logvar = b.heads[:, :latent], b.heads[:, latent:]
-        torch.mul(logvar, 0.5, out=b.std).exp_()
-        torch.addcmul(mu, b.std, b.eps.normal_(), out=b.z)  # z = mu + exp(0.5 logvar) eps
-        g = b.z
-        for (weight, bias), out in zip(views["decoder"][:-1], b.decoder, strict=True):
-            g = self.forward_act(torch.addmm(bias, g, weight.t(), out=out))
-        weight, bias = views["decoder"][-1]
-        logits = torch.addmm(bias, g, weight.t(), out=b.logits)
-        # BCE from logits, summed: softplus(l) - x l, with softplus(l) = max(l, 0) + log(1 +
-        # exp(-|l|)) in vectorised kernels (torch's softplus and log1p are 4x slower on CPU),
-        # and max(l, 0) = (l + |l|) / 2
-        magnitude = torch.abs(logits, out=b.pixels)
-        positive = 0.5 * (logits.sum() + magnitude.sum())
-        tail = magnitude.neg_().exp_().add_(1).log_().sum()
-        recon = positive + tail - torch.dot(x.view(-1), logits.view(-1))
+        for layer, out in zip(self.encoder, b.encoder, strict=True):
+            h = self.forward_act(torch.addmm(layer.bias, h, layer.weight_t, out=out))
+        torch.addmm(self.heads.bias, h, self.heads.weight_t, out=b.heads)  # [mu, logvar]
+        var = torch.exp(b.logvar, out=b.var)
+        std = torch.sqrt(var, out=b.std)
+        torch.mul(std, b.eps.normal_(), out=b.noise)
+        g = torch.add(b.mu, b.noise, out=b.z)  # z = mu + exp(0.5 logvar) eps
+        # 0.5 (exp(logvar) - 1): in the KL and in its gradient on logvar
+        torch.add(self.minus_half, var, alpha=0.5, out=b.half_var_m1)
+        for layer, out in zip(self.decoder[:-1], b.decoder, strict=True):
+            g = self.forward_act(torch.addmm(layer.bias, g, layer.weight_t, out=out))
+        last = self.decoder[-1]
+        logits = torch.addmm(last.bias, g, last.weight_t, out=b.logits)
+        # BCE from logits: softplus(l) - x l, with softplus(l) = max(l, 0) + log(1 + exp(-|l|))
+        # in vectorised kernels (torch's softplus and log1p are 4x slower on CPU)
+        recon = torch.abs(logits, out=b.pixels).neg_().exp_().add_(self.one).log_()
+        recon.add_(torch.clamp(logits, min=0, out=b.positive)).addcmul_(x, logits, value=-1)
         # KL: 0.5 (mu^2 + exp(logvar) - 1 - logvar)
-        var = torch.mul(b.std, b.std, out=b.latent_tmp)
-        kl = 0.5 * (mu.pow(2).sum() + var.sum() - logvar.sum()) - 0.5 * mu.numel()
-        torch.stack([recon, kl], out=terms)
+        kl = torch.addcmul(b.half_var_m1, b.mu, b.mu, value=0.5, out=b.kl)
+        kl.sub_(b.logvar, alpha=0.5)
+        torch.stack([recon.sum(), kl.sum()], out=terms)
 
     def backward(self, b: Buffers, x: torch.Tensor) -> None:
-        views, grads, latent = self.param_views, self.grad_views, self.model.latent_dim
         grad = torch.sigmoid(b.logits, out=b.pixels).sub_(x)  # dL/dlogits
         inputs = [b.z, *b.decoder]
         for i in reversed(range(len(inputs))):
-            self.weight_grads(grad, inputs[i], *grads["decoder"][i])
-            weight, _ = views["decoder"][i]
+            self.weight_grads(grad, inputs[i], self.decoder[i])
             if i:
-                grad = self.through(grad, weight, inputs[i], b.spare(grad))
-        dz = torch.mm(grad, weight, out=b.z_grad)
-        torch.add(dz, b.heads[:, :latent], out=b.heads_grad[:, :latent])
-        # dL/dlogvar = 0.5 (dL/dz (z - mu) + exp(logvar) - 1), with z - mu = std eps
-        tmp = torch.mul(dz, b.eps, out=b.latent_tmp).mul_(b.std)
-        tmp.addcmul_(b.std, b.std).sub_(1).mul_(0.5)
-        b.heads_grad[:, latent:].copy_(tmp)
-        ((heads_w, _),) = views["heads"]
-        self.weight_grads(b.heads_grad, b.encoder[-1], *grads["heads"][0])
-        grad = self.through(b.heads_grad, heads_w, b.encoder[-1], b.hidden_grads[0])
+                grad = self.through(grad, self.decoder[i].weight, inputs[i], b.spare(grad))
+        dz = torch.mm(grad, self.decoder[0].weight, out=b.z_grad)
+        torch.add(dz, b.mu, out=b.mu_grad)
+        # dL/dlogvar = 0.5 (dL/dz (z - mu) + exp(logvar) - 1)
+        torch.addcmul(b.half_var_m1, dz, b.noise, value=0.5, out=b.logvar_grad)
+        top = b.encoder[-1]
+        self.weight_grads(b.heads_grad, top, self.heads)
+        grad = self.through(b.heads_grad, self.heads.weight, top, b.hidden_grads[0])
         inputs = [x, *b.encoder[:-1]]
         for i in reversed(range(len(inputs))):
-            self.weight_grads(grad, inputs[i], *grads["encoder"][i])
+            self.weight_grads(grad, inputs[i], self.encoder[i])
             if i:
-                weight, _ = views["encoder"][i]
-                grad = self.through(grad, weight, inputs[i], b.spare(grad))
+                grad = self.through(grad, self.encoder[i].weight, inputs[i], b.spare(grad))
 
     @staticmethod
-    def weight_grads(
-        grad: torch.Tensor, inputs: torch.Tensor, weight_grad: torch.Tensor, bias_grad: torch.Tensor
-    ) -> None:
+    def weight_grads(grad: torch.Tensor, inputs: torch.Tensor, layer: Linear) -> None:
         """A linear layer's gradients, from the gradient on its output and its inputs."""
-        torch.mm(grad.t(), inputs, out=weight_grad)
-        torch.sum(grad, 0, out=bias_grad)
+        torch.mm(grad.t(), inputs, out=layer.weight_grad)
+        torch.sum(grad, 0, out=layer.bias_grad)
 
     def through(
         self, grad: torch.Tensor, weight: torch.Tensor, output: torch.Tensor, into: torch.Tensor
