@@ -1,10 +1,14 @@
 """Resuming: a checkpoint after every epoch, and the MLflow run that a restarted process continues.
 
-A checkpoint holds the model, the optimizer, the RNG states, the history and the run id. It is
-resumed only when it was made with the same params and training data (its fingerprint) and its
-MLflow run is still in the store (the caller says which runs it knows); otherwise training starts
-over. Checkpoints are working state,
-not DVC outputs, so they stay in torch's format, read back with `weights_only=True`.
+A checkpoint holds the model, the optimizer, the RNG states, the history, the run id and the
+length it was trained for. It is resumed when it was made with the same params and training data
+(its fingerprint, which leaves out how long and by which step: `train.epochs`, `train.step`) and
+holds fewer epochs than asked for. So a run that stopped goes on, and a finished run is extended
+to more epochs. It continues its MLflow run when that run is in the store (the caller says which
+runs it knows) and was started for the same length; otherwise a new run gets the epochs so far
+and goes on, which is also how a checkpoint carried to another clone (another store) resumes.
+Checkpoints are working state, not DVC outputs, so they stay in torch's format, read back with
+`weights_only=True`.
 """
 
 from __future__ import annotations
@@ -31,13 +35,17 @@ from pipeline.vae.training import Epoch
 class Resumed(NamedTuple):
     history: list[Epoch]  # the epochs already trained (empty when starting over)
     run_id: str | None  # the MLflow run to continue; None starts a new one
+    previous_run: str | None = None  # the run whose epochs a new run takes over
 
 
 def fingerprint(params: Params, data_file: Path) -> str:
-    """Identifies what a checkpoint was trained on: params and the exact training data."""
+    """Identifies what a checkpoint was trained on: params and the exact training data, but not
+    for how many epochs (a longer run continues a shorter one) nor by which step path (both
+    compute the same)."""
+    train = {k: v for k, v in asdict(params.train).items() if k not in ("epochs", "step")}
     config = {
         "model": asdict(params.model),
-        "train": asdict(params.train),
+        "train": train,
         "binarize": params.data.binarize,
         "holdout": params.data.holdout,
     }
@@ -65,10 +73,13 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer,
     history: list[Epoch],
     run_id: str,
+    epochs: int,
 ) -> None:
+    """Write the state after `history`'s last epoch of a run of `epochs`, atomically."""
     state = {
         "fingerprint": key,
         "epoch": history[-1].epoch if history else 0,
+        "epochs": epochs,
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
         "rng": rng_state(),
@@ -105,6 +116,7 @@ def load_checkpoint(path: Path, key: str) -> dict | None:
 def resume_or_start(
     path: Path,
     key: str,
+    epochs: int,
     model: VAE,
     optimizer: torch.optim.Optimizer,
     run_exists: Callable[[str], bool],
@@ -113,15 +125,28 @@ def resume_or_start(
     state = load_checkpoint(path, key)
     if state is None:
         return Resumed([], None)
-    if not run_exists(state["run_id"]):
-        print(f"ignoring checkpoint {path}: its MLflow run {state['run_id']} is not in the store")
+    done, run_id = state["epoch"], state["run_id"]
+    if done >= epochs:
+        print(f"not resuming {path}: it holds {done} epochs and train.epochs is {epochs}")
         return Resumed([], None)
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     set_rng_state(state["rng"])
     history = [Epoch(**row) for row in state["history"]]
-    print(f"resuming after epoch {len(history)} from {path} (MLflow run {state['run_id']})")
-    return Resumed(history, state["run_id"])
+    if state.get("epochs") != epochs:  # its run's params name another length
+        print(
+            f"extending the run in {path} from epoch {done} to {epochs} in a new MLflow run "
+            f"(the {done} epochs so far are copied into it from run {run_id})"
+        )
+        return Resumed(history, None, run_id)
+    if not run_exists(run_id):
+        print(
+            f"resuming after epoch {done} from {path} in a new MLflow run: its run {run_id} "
+            "is not in this store (the epochs so far are copied into the new one)"
+        )
+        return Resumed(history, None, run_id)
+    print(f"resuming after epoch {done} from {path} (MLflow run {run_id})")
+    return Resumed(history, run_id)
 
 
 def kept(history: list[Epoch], path: Path, run_id: str) -> str:

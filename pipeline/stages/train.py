@@ -36,11 +36,13 @@ def train(params: Params) -> None:
     betas = (cfg.adam_beta1, cfg.adam_beta2)
     optimizer = training.make_optimizer(model, cfg.lr, betas, cfg.adam_eps, cfg.adam_v0)
     key = fingerprint(params, paths.TRAIN_SPLIT)
-    history, run_id = resume_or_start(paths.CHECKPOINT, key, model, optimizer, store.has_run)
+    history, run_id, previous_run = resume_or_start(
+        paths.CHECKPOINT, key, cfg.epochs, model, optimizer, store.has_run
+    )
     latents = grids.fixed_latents(model.latent_dim, cfg.seed, device)
     pictures = partial(grids.training_pictures, model, latents, test_x[: grids.SHOWN_DIGITS])
 
-    run = runs.training_run(run_id, experiment_id, params, device, history, pictures)
+    run = runs.training_run(run_id, experiment_id, params, device, history, pictures, previous_run)
     with runtime.stop_requests() as stop, run as run_id:
         epochs = training.fit(
             model, optimizer, train_x, test_x, first_epoch=len(history) + 1, epochs=cfg.epochs,
@@ -52,7 +54,9 @@ def train(params: Params) -> None:
         try:
             for row in epochs:
                 history.append(row)
-                save_checkpoint(paths.CHECKPOINT, key, model, optimizer, history, run_id)
+                save_checkpoint(
+                    paths.CHECKPOINT, key, model, optimizer, history, run_id, cfg.epochs
+                )
                 left = training.time_left(history, first_new, cfg.epochs)
                 print(f"{row.line(cfg.epochs)}  lr {row.lr:.2g}{left}", flush=True)
                 runs.log_epoch(asdict(row), pictures())
@@ -60,7 +64,6 @@ def train(params: Params) -> None:
             message = kept(history, paths.CHECKPOINT, run_id)
             raise Interrupted(interrupted.signum, message) from None
         write_outputs(model, history, run_id, experiment_id)
-    paths.CHECKPOINT.unlink(missing_ok=True)
     print(f"MLflow run {run_id} in {store.tracking_uri()}")
 
 

@@ -37,9 +37,11 @@ def training_run(
     device: torch.device,
     history: list,
     draw_pictures: Callable[[], dict[str, np.ndarray]],
+    previous_run: str | None = None,
 ) -> Iterator[str]:
     """Start a run with the params, tags, datasets and the untrained model's pictures (step 0),
-    or continue the run `run_id` and log the epochs of `history` (dataclass rows) it lacks.
+    or continue the run `run_id` and log the epochs of `history` (dataclass rows) it lacks. A new
+    run with a `history` takes over `previous_run`'s epochs: it logs them and names that run.
     Yield the run's id; an interruption ends the run as KILLED (resumable, not failed)."""
     with mlflow.start_run(
         run_id=run_id,
@@ -52,7 +54,11 @@ def training_run(
             mlflow.log_params(params.flat())
             mlflow.set_tags(run_tags(device))
             log_datasets(TRAIN_SPLIT, TEST_SPLIT)
-            log_pictures(0, draw_pictures())
+            if history:  # no untrained model to draw at step 0: the epochs come from a checkpoint
+                mlflow.set_tag("continues_run", previous_run)
+                log_missing_epochs(run.info.run_id, [asdict(row) for row in history], draw_pictures)
+            else:
+                log_pictures(0, draw_pictures())
         else:
             log_missing_epochs(run_id, [asdict(row) for row in history], draw_pictures)
         try:

@@ -127,7 +127,8 @@ def test_a_run_logs_every_epoch_the_grids_and_a_model_that_loads_back(
     rows = TRAIN_HISTORY.read_text().splitlines()
     assert rows[0].startswith("epoch,train_loss,train_recon,train_kl,test_loss")
     assert len(rows) == 4
-    assert not CHECKPOINT.exists()  # a finished run leaves no checkpoint to resume from
+    kept = torch.load(CHECKPOINT, weights_only=True)  # kept: a longer run can extend it
+    assert (kept["epoch"], kept["epochs"], kept["run_id"]) == (3, 3, run_id)
 
 
 def mlflow_queue_threads() -> set[threading.Thread]:
@@ -389,15 +390,54 @@ def test_kill_9_mid_run_then_resume_matches_an_uninterrupted_run(
     assert client().get_run(run_id).info.status == "FINISHED"
 
 
-def test_a_checkpoint_whose_mlflow_run_is_gone_is_not_resumed(
+def test_a_checkpoint_whose_mlflow_run_is_gone_resumes_in_a_new_run(
     workdir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, mlflow_template
 ) -> None:
+    # Also what a checkpoint carried to another clone, with its own store, does.
     fresh = run_train()
     log_epoch = runs.log_epoch
     monkeypatch.setattr(runs, "log_epoch", lambda row, *a, **k: (_ for _ in ()).throw(Crash))
     with pytest.raises(Crash):
         run_train()
+    crashed_run = torch.load(CHECKPOINT, weights_only=True)["run_id"]
     monkeypatch.setattr(runs, "log_epoch", log_epoch)
     shutil.copy(mlflow_template, workdir / "mlflow.db")  # the store was replaced meanwhile
     assert run_train() == fresh
-    assert "its MLflow run" in capsys.readouterr().out
+    assert f"its run {crashed_run} is not in this store" in capsys.readouterr().out
+    run = client().get_run(json.loads(RUN_INFO.read_text())["run_id"])
+    assert run.data.tags["continues_run"] == crashed_run
+    steps = [m.step for m in client().get_metric_history(run.info.run_id, "train/loss")]
+    assert steps == [1, 2, 3]  # epoch 1 from the checkpoint, then the two it trained
+
+
+def test_a_finished_run_extended_to_more_epochs_ends_where_a_run_that_long_ends(
+    workdir: Path, capsys: pytest.CaptureFixture, set_params
+) -> None:
+    set_params(workdir, train={"epochs": 4})
+    longer = run_train()
+    longer_weights = WEIGHTS.read_bytes()
+    CHECKPOINT.unlink()
+    set_params(workdir, train={"epochs": 2})
+    run_train()
+    short_run = json.loads(RUN_INFO.read_text())["run_id"]
+    set_params(workdir, train={"epochs": 4})
+    assert run_train() == longer
+    assert WEIGHTS.read_bytes() == longer_weights
+    assert "extending the run in checkpoints/train.pt from epoch 2 to 4" in capsys.readouterr().out
+    run = client().get_run(json.loads(RUN_INFO.read_text())["run_id"])
+    assert run.info.run_id != short_run and run.data.tags["continues_run"] == short_run
+    assert run.data.params["train.epochs"] == "4"
+    steps = [m.step for m in client().get_metric_history(run.info.run_id, "train/loss")]
+    assert steps == [1, 2, 3, 4]
+    assert grid_steps(client(), run.info.run_id) == [2, 3, 4]  # no untrained model to draw
+
+
+def test_a_checkpoint_longer_than_the_run_asked_for_is_not_resumed(
+    workdir: Path, capsys: pytest.CaptureFixture, set_params
+) -> None:
+    first = run_train()  # 3 epochs
+    assert run_train() == first  # the same length again: trained afresh, not taken from it
+    set_params(workdir, train={"epochs": 2})
+    run_train()
+    assert "it holds 3 epochs and train.epochs is 2" in capsys.readouterr().out
+    assert json.loads(TRAIN_METRICS.read_text())["epochs"] == 2
