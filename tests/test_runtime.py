@@ -45,6 +45,7 @@ def run_probe(code: str, cwd: Path | None = None) -> str:
     return result.stdout.strip()
 
 
+@pytest.mark.slow  # fresh interpreters that import torch, MLflow and Gradio: 8 s of the quick loop
 def test_importing_changes_nothing_global_and_runtime_start_settles_exp_and_log() -> None:
     # Importing every module runs no vector math and leaves the umask alone. Then
     # pytorch/pytorch#188792 (see pipeline/runtime.py), which cannot be triggered on demand: the

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from pipeline.data.files import read_tensors
@@ -19,6 +20,7 @@ write_tensors(sys.argv[1], tensors | {"labels": torch.arange(5)}, metadata)
 """
 
 
+@pytest.mark.slow  # a fresh interpreter importing torch: 4-8 s of the quick loop
 def test_tensor_files_are_byte_identical_across_processes(tmp_path: Path) -> None:
     # safetensors writes a metadata map of several keys in hash order, which changes from one
     # process to the next; write_tensors must not depend on it.

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from pipeline.data import mnist as data
@@ -14,6 +15,7 @@ from pipeline.data import splits
 from pipeline.data.splits import preprocess
 
 
+@pytest.mark.slow  # a fresh interpreter importing torch: 4-5 s of the quick loop
 def test_preprocess_twice_gives_identical_bytes(tiny_raw: Path, tmp_path: Path) -> None:
     root = tmp_path / "raw"
     data.download_mnist(root, source=str(tiny_raw))
