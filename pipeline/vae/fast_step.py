@@ -1,8 +1,8 @@
 """model.py's training step written out by hand, for CPU batches too small to hide autograd.
 
-At the paper's batch of 20 a step's matrix products take well under half its time with autograd;
-the rest is the graph, dozens of small allocations, one Adam call per parameter tensor and its
-Python. Here the same step runs over buffers allocated once:
+At the paper's batch of 20 a step's matrix products take under half its time with autograd; the
+rest is the graph, dozens of small allocations and kernels, and `Optimizer.step`'s Python. Here
+the same step runs over buffers allocated once:
 
 - the parameters, their gradients and Adam's two moments each live in one flat tensor, so Adam is
   one fused kernel over one tensor (torch's functional `adam`, without `Optimizer.step`'s Python);
@@ -29,7 +29,9 @@ from torch.optim.adam import adam
 from pipeline.vae.model import IMAGE_DIM, VAE
 
 
-def relu_backward(grad: torch.Tensor, output: torch.Tensor, grad_input: torch.Tensor):
+def relu_backward(
+    grad: torch.Tensor, output: torch.Tensor, grad_input: torch.Tensor
+) -> torch.Tensor:
     return torch.ops.aten.threshold_backward.grad_input(grad, output, 0, grad_input=grad_input)
 
 
@@ -40,16 +42,11 @@ ACTIVATIONS = {
 }
 
 
-def linears(model: VAE) -> tuple[list[nn.Linear], list[nn.Linear]]:
-    encoder = [m for m in model.encoder if isinstance(m, nn.Linear)]
-    decoder = [m for m in model.decoder if isinstance(m, nn.Linear)]
-    return encoder, decoder
-
-
 def flat_order(model: VAE) -> list[nn.Parameter]:
     """The parameters in the flat buffer's order: the two heads' weights next to each other (and
     their biases), so that one [2 latent, hidden] view multiplies both."""
-    encoder, decoder = linears(model)
+    encoder = [m for m in model.encoder if isinstance(m, nn.Linear)]
+    decoder = [m for m in model.decoder if isinstance(m, nn.Linear)]
     heads = [model.to_mu.weight, model.to_logvar.weight, model.to_mu.bias, model.to_logvar.bias]
     layers = [p for layer in encoder for p in (layer.weight, layer.bias)]
     return layers + heads + [p for layer in decoder for p in (layer.weight, layer.bias)]
@@ -81,7 +78,7 @@ class Buffers:
     noise: torch.Tensor  # std eps = z - mu
     z: torch.Tensor
     var: torch.Tensor
-    half_var_m1: torch.Tensor
+    half_var_m1: torch.Tensor  # 0.5 (exp(logvar) - 1)
     kl: torch.Tensor
     z_grad: torch.Tensor
     decoder: list[torch.Tensor]
