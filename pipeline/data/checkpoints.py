@@ -135,8 +135,8 @@ def resume_or_start(
     history = [Epoch(**row) for row in state["history"]]
     if state.get("epochs") != epochs:  # its run's params name another length
         print(
-            f"extending the run in {path} from epoch {done} to {epochs} in a new MLflow run "
-            f"(the {done} epochs so far are copied into it from run {run_id})"
+            f"continuing {path} (epoch {done} of a {state.get('epochs')}-epoch run) to {epochs} "
+            f"epochs in a new MLflow run, which first logs the {done} so far from run {run_id}"
         )
         return Resumed(history, None, run_id)
     if not run_exists(run_id):

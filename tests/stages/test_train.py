@@ -423,7 +423,8 @@ def test_a_finished_run_extended_to_more_epochs_ends_where_a_run_that_long_ends(
     set_params(workdir, train={"epochs": 4})
     assert run_train() == longer
     assert WEIGHTS.read_bytes() == longer_weights
-    assert "extending the run in checkpoints/train.pt from epoch 2 to 4" in capsys.readouterr().out
+    message = "continuing checkpoints/train.pt (epoch 2 of a 2-epoch run) to 4 epochs"
+    assert message in capsys.readouterr().out
     run = client().get_run(json.loads(RUN_INFO.read_text())["run_id"])
     assert run.info.run_id != short_run and run.data.tags["continues_run"] == short_run
     assert run.data.params["train.epochs"] == "4"
