@@ -52,6 +52,10 @@ def flat_order(model: VAE) -> list[nn.Parameter]:
     return layers + heads + [p for layer in decoder for p in (layer.weight, layer.bias)]
 
 
+def flatten(tensors: list[torch.Tensor]) -> torch.Tensor:
+    return torch.cat([t.reshape(-1) for t in tensors])
+
+
 class Linear(NamedTuple):
     """A layer's weight (and its transpose, for x W^T), bias and gradients: views of the flat
     buffers, made once."""
@@ -133,12 +137,12 @@ class FastStep:
             raise ValueError("FastStep runs plain Adam over one parameter group")
         self.model, self.optimizer = model, optimizer
         self.order = flat_order(model)
-        self.params = torch.cat([p.detach().reshape(-1) for p in self.order])
+        self.params = flatten([p.detach() for p in self.order])
         self.grads = torch.zeros_like(self.params)
         states = [optimizer.state.get(p, {}) for p in self.order]
         if all(states):
-            self.exp_avg = torch.cat([s["exp_avg"].reshape(-1) for s in states])
-            self.exp_avg_sq = torch.cat([s["exp_avg_sq"].reshape(-1) for s in states])
+            self.exp_avg = flatten([s["exp_avg"] for s in states])
+            self.exp_avg_sq = flatten([s["exp_avg_sq"] for s in states])
             steps = {float(s["step"]) for s in states}
             if len(steps) > 1:
                 raise ValueError(f"Adam's parameters are at different steps: {sorted(steps)}")
