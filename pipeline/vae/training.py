@@ -6,6 +6,7 @@ batch's loss terms stay on the device and are read once per epoch.
 
 from __future__ import annotations
 
+import statistics
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -45,12 +46,16 @@ class Epoch:
         )
 
 
+PACE_EPOCHS = 20  # the recent epochs whose pace the time left assumes
+
+
 def time_left(history: list[Epoch], first_new: int, epochs: int) -> str:
-    """ ", H:MM:SS left" at the mean pace of the epochs this process trained; "" after the last."""
+    """ ", H:MM:SS left" at the median pace of the last epochs this process trained (a median:
+    one epoch slowed by a paused process or a busy machine does not move it); "" after the last."""
     done, remaining = history[first_new:], epochs - history[-1].epoch
     if not remaining:
         return ""
-    seconds = sum(row.seconds for row in done) / len(done) * remaining
+    seconds = statistics.median(row.seconds for row in done[-PACE_EPOCHS:]) * remaining
     return f", {timedelta(seconds=round(seconds))} left"
 
 
