@@ -7,6 +7,7 @@ import gc
 import logging
 import os
 import signal
+import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -101,3 +102,20 @@ def stop_requests() -> Iterator[StopRequest]:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def run_in_foreground(command: list[str]) -> int:
+    """Run `command` and return its exit status as a shell reports it.
+
+    Ctrl-C reaches the child as it reaches us (the terminal signals the whole foreground process
+    group), so the child stops cleanly and says so; we only wait for it. `subprocess.run` would
+    raise KeyboardInterrupt here, kill the child 0.25 s later and print a second error.
+    """
+    child = subprocess.Popen(command)
+    # Ignored only once the child runs: an ignored SIGINT is inherited, and Ctrl-C would not stop it
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        code = child.wait()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    return 128 - code if code < 0 else code  # killed by a signal: 128 + its number

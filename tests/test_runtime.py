@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -123,3 +125,32 @@ def test_cuda_requested_without_a_gpu_is_a_clear_error(monkeypatch: pytest.Monke
     with pytest.raises(PipelineError, match="train.device = 'cuda' but no CUDA device"):
         runtime.pick_device("cuda")
     assert runtime.pick_device("auto") == torch.device("cpu")
+
+
+CHILD = """
+import signal, sys, time
+def stop(signum, frame):
+    print("child: stopped cleanly", flush=True)
+    sys.exit(130)
+signal.signal(signal.SIGINT, stop)
+print("ready", flush=True)
+time.sleep(30)
+"""
+
+
+def test_ctrl_c_leaves_the_stopping_to_the_child_and_reports_its_status() -> None:
+    parent = (
+        "import sys; from pipeline.runtime import run_in_foreground; "
+        f"sys.exit(run_in_foreground([sys.executable, '-c', {CHILD!r}]))"
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-c", parent],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # its own process group, which Ctrl-C signals as a whole
+    )
+    assert process.stdout.readline() == "ready\n"
+    os.killpg(process.pid, signal.SIGINT)
+    out, err = process.communicate(timeout=20)
+    assert (out, err, process.returncode) == ("child: stopped cleanly\n", "", 130)

@@ -4,7 +4,6 @@ promote and use trained models, report on a run, the paper's protocol, the team 
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
 from pathlib import Path
 
@@ -71,6 +70,7 @@ def print_report(args: argparse.Namespace) -> None:
 def paper(args: argparse.Namespace) -> None:
     """Burda et al.'s protocol as a DVC experiment: the preset, with the lengths asked for."""
     from pipeline.config import load_params_with, read_preset
+    from pipeline.runtime import run_in_foreground
 
     overrides = read_preset("burda2015") | {"train.epochs": args.epochs}
     overrides["evaluate.iwae_samples"] = args.k
@@ -78,7 +78,7 @@ def paper(args: argparse.Namespace) -> None:
     command = [sys.executable, "-m", "dvc", "exp", "run", "-n", args.name]
     command += [f"-S{key}={value}" for key, value in overrides.items()]
     print(" ".join(["dvc", *command[3:]]), flush=True)
-    sys.exit(subprocess.run(command).returncode)
+    sys.exit(run_in_foreground(command))
 
 
 def explore(args: argparse.Namespace) -> None:

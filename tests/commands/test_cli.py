@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from helpers.repo import REPO_ROOT, committed_params
-from pipeline import commands
+from pipeline import commands, runtime
 
 COMMANDS = {
     "promote", "generate", "score", "report", "paper", "explore", "sweep", "stack", "bench",
@@ -46,11 +46,7 @@ def lab_repo(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> list[list[str]]
     (tmp_path / "params.yaml").write_text(committed_params())
     monkeypatch.chdir(tmp_path)
     ran: list[list[str]] = []
-    monkeypatch.setattr(
-        commands.subprocess,
-        "run",
-        lambda cmd, **kw: ran.append(cmd) or subprocess.CompletedProcess(cmd, 0),
-    )
+    monkeypatch.setattr(runtime, "run_in_foreground", lambda cmd: ran.append(cmd) or 0)
     return ran
 
 
