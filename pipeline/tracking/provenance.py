@@ -32,6 +32,14 @@ def git_tags() -> dict[str, str]:
     return {"git.commit": commit or "unknown", "git.dirty": str(bool(dirty)).lower()}
 
 
+def this_process(device: torch.device) -> str:
+    """The code and machine this process trains with, in one line: what a resumed run records,
+    since its tags describe the process that started it."""
+    git = git_tags()
+    dirty = " (dirty)" if git["git.dirty"] == "true" else ""
+    return f"git {git['git.commit']}{dirty}, torch {torch.__version__}, {device}"
+
+
 def data_version(lock: Path = Path("dvc.lock")) -> str:
     """The processed data's hash as dvc.lock records it ("unknown" outside a DVC run)."""
     try:

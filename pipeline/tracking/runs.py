@@ -20,7 +20,13 @@ from pipeline.config import Params
 from pipeline.data.files import write_json
 from pipeline.errors import Interrupted, TrackingError
 from pipeline.paths import TEST_SPLIT, TRAIN_SPLIT
-from pipeline.tracking.provenance import describe_training, log_datasets, run_name, run_tags
+from pipeline.tracking.provenance import (
+    describe_training,
+    log_datasets,
+    run_name,
+    run_tags,
+    this_process,
+)
 from pipeline.tracking.pyfunc import log_vae_model
 from pipeline.tracking.store import connect, run_status, tracking_uri
 
@@ -40,8 +46,9 @@ def training_run(
     previous_run: str | None = None,
 ) -> Iterator[str]:
     """Start a run with the params, tags, datasets and the untrained model's pictures (step 0),
-    or continue the run `run_id` and log the epochs of `history` (dataclass rows) it lacks. A new
-    run with a `history` takes over `previous_run`'s epochs: it logs them and names that run.
+    or continue the run `run_id`: tag the code and machine it resumes with, and log the epochs of
+    `history` (dataclass rows) it lacks. A new run with a `history` takes over `previous_run`'s
+    epochs: it logs them and names that run.
     Yield the run's id; an interruption ends the run as KILLED (resumable, not failed)."""
     with mlflow.start_run(
         run_id=run_id,
@@ -60,6 +67,7 @@ def training_run(
             else:
                 log_pictures(0, draw_pictures())
         else:
+            mlflow.set_tag(f"resumed_at_epoch_{len(history) + 1}", this_process(device))
             log_missing_epochs(run_id, [asdict(row) for row in history], draw_pictures)
         try:
             yield run.info.run_id

@@ -201,6 +201,9 @@ def test_resume_after_a_crash_ends_where_an_uninterrupted_run_ends(
     assert json.loads(RUN_INFO.read_text())["run_id"] == crashed_run
     steps = [m.step for m in client().get_metric_history(crashed_run, "train/loss")]
     assert steps == [1, 2, 3]  # epoch 2 logged on resume, and only once
+    tags = client().get_run(crashed_run).data.tags
+    resumed_tags = {key: value for key, value in tags.items() if key.startswith("resumed")}
+    assert resumed_tags == {"resumed_at_epoch_3": f"git unknown, torch {torch.__version__}, cpu"}
 
 
 def test_a_stale_checkpoint_of_other_params_is_not_resumed(
