@@ -5,7 +5,7 @@ rest is the graph, dozens of small allocations and kernels, and `Optimizer.step`
 the same step runs over buffers allocated once:
 
 - the parameters, their gradients and Adam's two moments each live in one flat tensor, so Adam is
-  one fused kernel over one tensor (torch's functional `adam`, without `Optimizer.step`'s Python);
+  one call of the fused kernel `Adam(fused=True)` uses, without `Optimizer.step`'s Python;
 - mu and logvar are one matrix product: their weights lie side by side in the flat buffer;
 - the gradients are written in closed form: the loss's gradient on the pixel logits is
   sigmoid(logits) - x, on mu it is dL/dz + mu, on logvar 0.5 (dL/dz (z - mu) + exp(logvar) - 1);
@@ -192,7 +192,8 @@ class FastStep:
 
     def adam(self) -> None:
         """Adam's step over the flat tensors: the kernel `Adam(fused=True).step` ends in, called
-        directly (its Python wrapper's counter increment alone took 40% as long as the kernel)."""
+        directly; torch's functional wrapper would add its tensor grouping and a `_foreach_add_`
+        on the step counter, which cost a large part of the kernel's time (docs/speed.md)."""
         group = self.optimizer.param_groups[0]
         beta1, beta2 = group["betas"]
         self.step_count.add_(self.one)
