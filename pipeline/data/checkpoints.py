@@ -153,7 +153,8 @@ def kept(history: list[Epoch], path: Path, run_id: str) -> str:
     """What an interrupted run keeps, and how to go on."""
     if not history:
         return f"no epoch had finished; MLflow run {run_id} is marked KILLED"
+    epochs = "epoch 1 is" if len(history) == 1 else f"epochs 1-{len(history)} are"
     return (
-        f"epochs 1-{len(history)} are kept in {path} and MLflow run {run_id} is marked "
-        "KILLED: run the same command again to resume"
+        f"{epochs} kept in {path} and MLflow run {run_id} is marked KILLED: run the same "
+        "command again to resume"
     )
