@@ -59,7 +59,7 @@ def train(params: Params) -> None:
                 )
                 left = training.time_left(history, first_new, cfg.epochs)
                 print(f"{row.line(cfg.epochs)}  lr {row.lr:.2g}{left}", flush=True)
-                runs.log_epoch(asdict(row), pictures())
+                runs.log_epoch(asdict(row), pictures, cfg.epochs)
         except Interrupted as interrupted:
             message = kept(history, paths.CHECKPOINT, run_id)
             raise Interrupted(interrupted.signum, message) from None

@@ -56,8 +56,8 @@ def test_a_signal_during_training_keeps_the_finished_epochs_and_marks_the_run_ki
     set_params(workdir, train={"epochs": 4})
     log_epoch = runs.log_epoch
 
-    def signal_after_epoch_2(row, grid):
-        log_epoch(row, grid)
+    def signal_after_epoch_2(row, *args):
+        log_epoch(row, *args)
         if row["epoch"] == 2:
             os.kill(os.getpid(), signal.SIGTERM)  # as a scheduler would send it
 
@@ -119,8 +119,8 @@ def test_a_full_disk_stops_training_in_one_line_and_the_next_run_resumes(
     log_epoch = runs.log_epoch
     filled = []
 
-    def fill_after_epoch_2(row, grid):
-        log_epoch(row, grid)
+    def fill_after_epoch_2(row, *args):
+        log_epoch(row, *args)
         if row["epoch"] == 2:
             filled.append(fill(small_disk))
 

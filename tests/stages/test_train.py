@@ -175,6 +175,27 @@ def test_two_threads_give_identical_runs(workdir: Path) -> None:
     assert outputs[0] == outputs[1]
 
 
+def test_a_long_run_logs_pictures_at_its_first_epochs_then_spread_out_and_at_its_last() -> None:
+    assert all(runs.pictured(epoch, 100) for epoch in range(1, 101))  # the lab's 10 too
+    pictured = [epoch for epoch in range(1, 3281) if runs.pictured(epoch, 3280)]  # the paper's
+    assert pictured[:11] == [*range(1, 11), 33] and pictured[-2:] == [3267, 3280]
+    assert len(pictured) == 10 + 99 + 1
+
+
+def test_a_run_skips_the_pictures_of_unpictured_epochs(
+    workdir: Path, monkeypatch: pytest.MonkeyPatch, set_params
+) -> None:
+    set_params(workdir, train={"epochs": 5})
+    monkeypatch.setattr(runs, "FIRST_PICTURED", 1)
+    monkeypatch.setattr(runs, "PICTURED_EPOCHS", 2)  # every 3rd epoch of 5
+    run_train()
+    run_id = json.loads(RUN_INFO.read_text())["run_id"]
+    assert grid_steps(client(), run_id) == [0, 1, 3, 5]
+    assert grid_steps(client(), run_id, "reconstructions") == [0, 1, 3, 5]
+    steps = [m.step for m in client().get_metric_history(run_id, "train/loss")]
+    assert steps == [1, 2, 3, 4, 5]
+
+
 def test_resume_after_a_crash_ends_where_an_uninterrupted_run_ends(
     workdir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
