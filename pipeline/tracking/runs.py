@@ -86,7 +86,7 @@ def log_pictures(step: int, pictures: dict[str, np.ndarray]) -> None:
 
 
 # A long run's pictures: its first 10 epochs, then about 100 spread over it (the paper's 3,280
-# epochs would otherwise leave 6,560 images in the store, 150-400 MB).
+# epochs would otherwise leave 6,560 images in the store, about 280 MB).
 FIRST_PICTURED, PICTURED_EPOCHS = 10, 100
 
 
