@@ -1,0 +1,47 @@
+"""`make bench`'s paper lines: the floor is the step's own matrix products, and every path runs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+from pipeline.tools.bench import matmul_floor, paper_steps
+from pipeline.vae.fast_step import FastStep
+from pipeline.vae.model import VAE
+from pipeline.vae.training import make_optimizer
+
+PRODUCTS = {torch.mm: (0, 1), torch.addmm: (1, 2)}  # the positions of the two factors
+
+
+class MatrixProducts(TorchFunctionMode):
+    """Records the shapes of the factors of every matrix product called inside it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shapes: list[tuple[tuple[int, ...], tuple[int, ...]]] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        if func in PRODUCTS:
+            a, b = (args[i] for i in PRODUCTS[func])
+            self.shapes.append((tuple(a.shape), tuple(b.shape)))
+        return func(*args, **(kwargs or {}))
+
+
+def test_the_floor_makes_exactly_the_products_of_a_paper_step() -> None:
+    model = VAE(200, 50, hidden_layers=2, activation="tanh")
+    step = FastStep(model, make_optimizer(model, 1e-3, (0.99, 0.999), 1e-4, 1.0))
+    images, index = torch.rand(40, 784), torch.arange(20)
+    with MatrixProducts() as in_step:
+        step(images, index, True, torch.zeros(2))
+    with MatrixProducts() as in_floor:
+        matmul_floor(step, batch=20)()
+    assert len(in_step.shapes) == 17  # 6 forward, 6 weight gradients, 5 input gradients
+    assert sorted(in_floor.shapes) == sorted(in_step.shapes)
+
+
+def test_the_paper_lines_time_all_four_paths(workdir: Path) -> None:
+    seconds = paper_steps(rounds=1)
+    assert set(seconds) == {"ours", "autograd", "floor", "floor+adam"}
+    assert all(0 < s < 1 for s in seconds.values()), seconds
