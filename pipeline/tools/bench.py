@@ -1,4 +1,4 @@
-"""`make bench` (`mnist-vae bench`): the lab's epoch five ways, the paper's step four ways, and
+"""`make bench` (`mnist-vae bench`): the lab's epoch five ways, the paper's step five ways, and
 the real train stage.
 
 The lab's shape (params.yaml), one epoch each:
@@ -11,11 +11,7 @@ The lab's shape (params.yaml), one epoch each:
 - floor+adam: the floor plus the optimizer step, so the gap between autograd and the floor splits
               into what the data costs and what Adam costs.
 
-The paper's shape (pipeline/presets/burda2015.yaml: 784-200-200-50 tanh, batch 20, binarised),
-per step: ours (fast_step.py), autograd (the reference step), the floor: the step's 17 matrix
-products alone (6 forward, 6 weight gradients, 5 input gradients) into buffers allocated once,
-and the floor + Adam: those products, then the fused Adam kernel over the flat parameters (Adam's
-memory traffic, which no step can skip).
+The paper's step, five ways: pipeline/tools/bench_step.py.
 
 Each path runs one warm-up epoch; then they take turns for `--repeats` rounds, so a drift in the
 machine's speed touches them alike, and each keeps its best epoch. Last, `python -m
@@ -33,8 +29,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
-from functools import partial
 from pathlib import Path
 
 import torch
@@ -42,36 +36,25 @@ from mlflow.tracking import MlflowClient
 from torch.utils.data import DataLoader
 from torchvision import datasets, transforms
 
-from pipeline.config import load_params, load_params_with, read_preset
+from pipeline.config import load_params
 from pipeline.data.splits import load_split
 from pipeline.paths import PROCESSED, RAW_ROOT, RUN_INFO, TRAIN_SPLIT
 from pipeline.runtime import flush_denormals
+from pipeline.tools.bench_step import (
+    PAPER_ROUNDS,
+    best_of_rounds,
+    paper_steps,
+    print_paper_lines,
+    verdict,
+)
 from pipeline.tracking.runs import read_run_info
-from pipeline.vae.fast_step import FastStep
 from pipeline.vae.model import VAE, loss_terms
-from pipeline.vae.training import autograd_step, make_optimizer, train_epoch, use_fast_step
+from pipeline.vae.training import make_optimizer, train_epoch, use_fast_step
 
 # ours against the DataLoader path and the floor; the stage's epochs against ours; the stage's
 # time outside its epochs (imports, the store, pictures, checkpoints, the model) in seconds.
 TARGET_SPEEDUP, TARGET_OVER_FLOOR = 2.5, 1.2
 TARGET_STAGE_EPOCH, TARGET_OUTSIDE_S = 1.1, 5.0
-TARGET_PAPER_OVER_FLOOR = 2.0  # the paper's step against its matrix products alone
-# The paper's step is timed in short rounds, the four paths in turn, so that each of them meets
-# the same spells of a VM whose speed varies from one minute to the next.
-PAPER_STEPS = 100  # steps a round times, per path
-PAPER_ROUNDS = 10  # rounds per repeat
-
-
-def best_of_rounds(epochs: dict[str, Callable[[], None]], rounds: int) -> dict[str, float]:
-    for epoch in epochs.values():
-        epoch()  # warm-up: allocator, kernels, file cache
-    best = dict.fromkeys(epochs, float("inf"))
-    for _ in range(rounds):
-        for name, epoch in epochs.items():
-            start = time.perf_counter()
-            epoch()
-            best[name] = min(best[name], time.perf_counter() - start)
-    return best
 
 
 def dataloader_epoch(model: VAE, optimizer: torch.optim.Optimizer, loader: DataLoader) -> None:
@@ -117,70 +100,8 @@ def time_train_stage() -> tuple[float, list[float]]:
         return wall, [metric.value for metric in sorted(logged, key=lambda m: m.step)]
 
 
-def matmul_floor(step: FastStep, batch: int) -> Callable[[], None]:
-    """The matrix products of one `step` on a batch of `batch`, without anything around them."""
-    layers = [*step.encoder, step.heads, *step.decoder]
-    weights, grads = [layer.weight for layer in layers], [layer.weight_grad for layer in layers]
-    outputs = [torch.empty(batch, w.shape[0]) for w in weights]
-    inputs = [torch.rand(batch, w.shape[1]) for w in weights]
-    input_grads = [torch.empty(batch, w.shape[1]) for w in weights]
-
-    def products() -> None:
-        for w, g, x, y, dx in zip(weights, grads, inputs, outputs, input_grads, strict=True):
-            torch.mm(x, w.t(), out=y)  # forward
-            torch.mm(y.t(), x, out=g)  # the weight's gradient
-            if dx is not input_grads[0]:  # no gradient on the images
-                torch.mm(y, w, out=dx)
-
-    return products
-
-
-def paper_steps(rounds: int) -> dict[str, float]:
-    """Seconds a step of the paper's shape takes (best round): ours, autograd, the floor, and the
-    floor followed by the fused Adam kernel over the same flat parameters."""
-    params = load_params_with(read_preset("burda2015"), "preset burda2015")
-    shape, cfg = params.model, params.train
-    images, _ = load_split(TRAIN_SPLIT)
-    batches = torch.randperm(len(images)).split(cfg.batch_size)[:PAPER_STEPS]
-    models, optimizers = [], []
-    for _ in range(3):  # ours, autograd, the floor with Adam
-        models.append(
-            VAE(shape.hidden_dim, shape.latent_dim, shape.hidden_layers, shape.activation)
-        )
-        betas = (cfg.adam_beta1, cfg.adam_beta2)
-        optimizers.append(make_optimizer(models[-1], cfg.lr, betas, cfg.adam_eps, cfg.adam_v0))
-    fast = FastStep(models[0], optimizers[0])
-    terms = torch.zeros(2)
-
-    def steps(step: Callable[..., None]) -> Callable[[], None]:
-        return lambda: [step(images, index, True, terms) for index in batches]
-
-    floor = matmul_floor(fast, cfg.batch_size)
-    stepped = FastStep(models[2], optimizers[2])
-    stepped_floor = matmul_floor(stepped, cfg.batch_size)
-
-    def floor_and_adam() -> None:
-        stepped_floor()
-        stepped.adam()
-
-    best = best_of_rounds(
-        {
-            "ours": steps(fast),
-            "autograd": steps(partial(autograd_step, models[1], optimizers[1])),
-            "floor": lambda: [floor() for _ in batches],
-            "floor+adam": lambda: [floor_and_adam() for _ in batches],
-        },
-        rounds,
-    )
-    return {name: seconds / len(batches) for name, seconds in best.items()}
-
-
-def verdict(ok: bool) -> str:
-    return "ok" if ok else "MISSED"
-
-
 def run(repeats: int = 5) -> None:
-    """Time the lab's five paths, the paper's four and the train stage; print the figures and
+    """Time the lab's five paths, the paper's five and the train stage; print the figures and
     the targets."""
     flush_denormals()  # as the train stage does, for all three paths alike
     params = load_params()
@@ -244,23 +165,7 @@ def run(repeats: int = 5) -> None:
     )
     # No loop over the same model can beat the floor, so this bounds the speed-up from above.
     print(f"  the floor itself is {idiomatic / floor:.2f}x faster than the DataLoader path")
-    paper_over_floor = paper["ours"] / paper["floor"]
-    print(
-        f"the paper's step (784-200-200-50 tanh, batch 20, binarised), best of "
-        f"{PAPER_ROUNDS * repeats} rounds "
-        f"of {PAPER_STEPS} steps:"
-    )
-    print(f"  ours (fast_step.py)                    {paper['ours'] * 1e3:6.3f} ms")
-    print(f"  autograd (model.py, fused Adam)        {paper['autograd'] * 1e3:6.3f} ms")
-    print(f"  floor (its 17 matrix products alone)   {paper['floor'] * 1e3:6.3f} ms")
-    print(f"  floor + Adam (the products, the kernel) {paper['floor+adam'] * 1e3:5.3f} ms")
-    print(
-        f"  ours / floor: {paper_over_floor:.2f}x (target <= {TARGET_PAPER_OVER_FLOOR}x) "
-        f"{verdict(paper_over_floor <= TARGET_PAPER_OVER_FLOOR)}; ours / (floor + Adam): "
-        f"{paper['ours'] / paper['floor+adam']:.2f}x; autograd / floor: "
-        f"{paper['autograd'] / paper['floor']:.2f}x; autograd / ours: "
-        f"{paper['autograd'] / paper['ours']:.2f}x"
-    )
+    print_paper_lines(paper, PAPER_ROUNDS * repeats)
     print(f"train stage, {len(stage_epochs)} epochs, a store that exists: {stage_wall:.1f} s wall")
     stage_over_ours = stage_epoch / ours
     print(

@@ -179,16 +179,21 @@ class FastStep:
     ) -> None:
         """One step on `images[index]` (Bernoulli-sampled when `binarize`); the batch's summed
         reconstruction and KL terms go into `terms` (a tensor of 2)."""
-        batch = len(index)
-        if batch not in self.buffers:
-            self.buffers[batch] = Buffers.allocate(self.model, batch, self.params.device)
-        b = self.buffers[batch]
-        x = torch.index_select(images, 0, index, out=b.x)
-        if binarize:  # Bernoulli(x) as U < x: the draws of training.py's binarisation
-            torch.lt(b.pixels.uniform_(), x, out=x)
-        self.forward(b, x, terms)
-        self.backward(b, x)
+        b = self.batch(images, index, binarize)
+        self.forward(b, b.x, terms)
+        self.backward(b, b.x)
         self.adam()
+
+    def batch(self, images: torch.Tensor, index: torch.Tensor, binarize: bool) -> Buffers:
+        """The buffers of a batch of len(index), with `images[index]` (binarised) in `x`."""
+        size = len(index)
+        if size not in self.buffers:
+            self.buffers[size] = Buffers.allocate(self.model, size, self.params.device)
+        b = self.buffers[size]
+        torch.index_select(images, 0, index, out=b.x)
+        if binarize:  # Bernoulli(x) as U < x: the draws of training.py's binarisation
+            torch.lt(b.pixels.uniform_(), b.x, out=b.x)
+        return b
 
     def adam(self) -> None:
         """Adam's step over the flat tensors: the kernel `Adam(fused=True).step` ends in, called

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from torch.overrides import TorchFunctionMode
 
-from pipeline.tools.bench import matmul_floor, paper_steps
+from pipeline.tools.bench_step import matmul_floor, paper_steps
 from pipeline.vae.fast_step import FastStep
 from pipeline.vae.model import VAE
 from pipeline.vae.training import make_optimizer
@@ -41,7 +41,7 @@ def test_the_floor_makes_exactly_the_products_of_a_paper_step() -> None:
     assert sorted(in_floor.shapes) == sorted(in_step.shapes)
 
 
-def test_the_paper_lines_time_all_four_paths(workdir: Path) -> None:
+def test_the_paper_lines_time_all_five_paths(workdir: Path) -> None:
     seconds = paper_steps(rounds=1)
-    assert set(seconds) == {"ours", "autograd", "floor", "floor+adam"}
+    assert set(seconds) == {"ours", "autograd", "floor", "floor+adam", "floor+adam+batch"}
     assert all(0 < s < 1 for s in seconds.values()), seconds
