@@ -105,17 +105,23 @@ def stop_requests() -> Iterator[StopRequest]:
 
 
 def run_in_foreground(command: list[str]) -> int:
-    """Run `command` and return its exit status as a shell reports it.
+    """Run `command` and return its exit status as a shell reports it; 130 when Ctrl-C stopped it.
 
     Ctrl-C reaches the child as it reaches us (the terminal signals the whole foreground process
-    group), so the child stops cleanly and says so; we only wait for it. `subprocess.run` would
-    raise KeyboardInterrupt here, kill the child 0.25 s later and print a second error.
+    group), so the child stops cleanly and says so; we only wait for it, and report the stop as
+    130, as a shell would, where DVC reports 255 for its interrupted stage.
+    `subprocess.run` would raise KeyboardInterrupt here, kill the child 0.25 s later and print a
+    second error.
     """
+    interrupted = []
     child = subprocess.Popen(command)
-    # Ignored only once the child runs: an ignored SIGINT is inherited, and Ctrl-C would not stop it
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # From here on Ctrl-C is the child's to act on: we only note it (SIG_IGN, set before Popen,
+    # would be inherited, and Ctrl-C would not stop the child)
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: interrupted.append(signum))
     try:
         code = child.wait()
     finally:
         signal.signal(signal.SIGINT, previous)
+    if interrupted and code:
+        return 128 + signal.SIGINT
     return 128 - code if code < 0 else code  # killed by a signal: 128 + its number

@@ -131,14 +131,14 @@ CHILD = """
 import signal, sys, time
 def stop(signum, frame):
     print("child: stopped cleanly", flush=True)
-    sys.exit(130)
+    sys.exit(255)  # as DVC does when the stage it runs was stopped
 signal.signal(signal.SIGINT, stop)
 print("ready", flush=True)
 time.sleep(30)
 """
 
 
-def test_ctrl_c_leaves_the_stopping_to_the_child_and_reports_its_status() -> None:
+def test_ctrl_c_leaves_the_stopping_to_the_child_and_exits_130() -> None:
     parent = (
         "import sys; from pipeline.runtime import run_in_foreground; "
         f"sys.exit(run_in_foreground([sys.executable, '-c', {CHILD!r}]))"
