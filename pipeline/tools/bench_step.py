@@ -34,6 +34,7 @@ PAPER_ROUNDS = 10  # rounds per repeat
 
 
 def best_of_rounds(epochs: dict[str, Callable[[], None]], rounds: int) -> dict[str, float]:
+    """Each callable's best time in seconds over `rounds` rounds, the callables in turn."""
     for epoch in epochs.values():
         epoch()  # warm-up: allocator, kernels, file cache
     best = dict.fromkeys(epochs, float("inf"))
@@ -84,7 +85,7 @@ def paper_steps(rounds: int) -> dict[str, float]:
         matmul_floor(step, cfg.batch_size) for step in (ours, with_adam, with_batch)
     )
 
-    def floor_and_adam(index: torch.Tensor) -> None:
+    def floor_and_adam() -> None:
         floor_of_adam()
         with_adam.adam()
 
@@ -98,7 +99,7 @@ def paper_steps(rounds: int) -> dict[str, float]:
             "ours": steps(ours),
             "autograd": steps(partial(autograd_step, *model_and_adam())),
             "floor": lambda: [floor() for _ in batches],
-            "floor+adam": lambda: [floor_and_adam(index) for index in batches],
+            "floor+adam": lambda: [floor_and_adam() for _ in batches],
             "floor+adam+batch": lambda: [floor_adam_and_batch(index) for index in batches],
         },
         rounds,
