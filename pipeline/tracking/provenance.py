@@ -17,8 +17,9 @@ from pipeline.config import Params
 from pipeline.data.files import hash_file, read_tensors
 from pipeline.data.mnist import FILES as CANONICAL
 
-# Files DVC rewrites as the pipeline runs: changing them does not make the code dirty.
-DVC_OWNED = ("dvc.lock", "metrics", "plots", "figures")
+# Files DVC rewrites as the pipeline runs, and params.yaml, which `dvc exp run -S` rewrites (every
+# param is logged with the run): changing them does not make the code dirty.
+DVC_OWNED = ("dvc.lock", "params.yaml", "metrics", "plots", "figures", "reports")
 
 
 def git_tags() -> dict[str, str]:
