@@ -16,7 +16,7 @@ from pipeline.data.weights import save_vae
 from pipeline.errors import Interrupted, reports_errors
 from pipeline.tracking import runs, store
 from pipeline.vae import grids, training
-from pipeline.vae.model import VAE, init_output_bias
+from pipeline.vae.model import VAE
 
 
 def train(params: Params) -> None:
@@ -29,12 +29,7 @@ def train(params: Params) -> None:
     train_x = training_images(paths.TRAIN_SPLIT, data.holdout, device)
     binarize = data.binarize == "dynamic"
     test_x, _ = load_test_set(paths.TEST_SPLIT, binarize, data.binarize_seed, device)
-    model = VAE(shape.hidden_dim, shape.latent_dim, shape.hidden_layers, shape.activation)
-    model = model.to(device)
-    if shape.output_bias == "data_mean":
-        init_output_bias(model, train_x.mean(dim=0))
-    betas = (cfg.adam_beta1, cfg.adam_beta2)
-    optimizer = training.make_optimizer(model, cfg.lr, betas, cfg.adam_eps, cfg.adam_v0)
+    model, optimizer = training.vae_and_optimizer(shape, cfg, train_x)
     key = fingerprint(params, paths.TRAIN_SPLIT)
     history, run_id, previous_run = resume_or_start(
         paths.CHECKPOINT, key, cfg.epochs, model, optimizer, store.has_run

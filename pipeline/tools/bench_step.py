@@ -23,8 +23,7 @@ from pipeline.config import load_params_with, read_preset
 from pipeline.data.splits import load_split
 from pipeline.paths import TRAIN_SPLIT
 from pipeline.vae.fast_step import FastStep
-from pipeline.vae.model import VAE
-from pipeline.vae.training import autograd_step, make_optimizer
+from pipeline.vae.training import autograd_step, vae_and_optimizer
 
 TARGET_PAPER_OVER_FLOOR = 2.0  # the paper's step against its matrix products alone
 # The paper's step is timed in short rounds, the paths in turn, so that each of them meets the
@@ -72,15 +71,12 @@ def paper_steps(rounds: int) -> dict[str, float]:
     batches = torch.randperm(len(images)).split(cfg.batch_size)[:PAPER_STEPS]
     terms = torch.zeros(2)
 
-    def model_and_adam() -> tuple[VAE, torch.optim.Optimizer]:
-        model = VAE(shape.hidden_dim, shape.latent_dim, shape.hidden_layers, shape.activation)
-        betas = (cfg.adam_beta1, cfg.adam_beta2)
-        return model, make_optimizer(model, cfg.lr, betas, cfg.adam_eps, cfg.adam_v0)
-
     def steps(step: Callable[..., None]) -> Callable[[], None]:
         return lambda: [step(images, index, True, terms) for index in batches]
 
-    ours, with_adam, with_batch = (FastStep(*model_and_adam()) for _ in range(3))
+    ours, with_adam, with_batch = (
+        FastStep(*vae_and_optimizer(shape, cfg, images)) for _ in range(3)
+    )
     floor, floor_of_adam, floor_of_batch = (
         matmul_floor(step, cfg.batch_size) for step in (ours, with_adam, with_batch)
     )
@@ -97,7 +93,7 @@ def paper_steps(rounds: int) -> dict[str, float]:
     best = best_of_rounds(
         {
             "ours": steps(ours),
-            "autograd": steps(partial(autograd_step, *model_and_adam())),
+            "autograd": steps(partial(autograd_step, *vae_and_optimizer(shape, cfg, images))),
             "floor": lambda: [floor() for _ in batches],
             "floor+adam": lambda: [floor_and_adam() for _ in batches],
             "floor+adam+batch": lambda: [floor_adam_and_batch(index) for index in batches],

@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import replace
 
 import mlflow
 import optuna
@@ -38,7 +39,6 @@ from pipeline.tools.study import (
 )
 from pipeline.tracking import store
 from pipeline.vae import training
-from pipeline.vae.model import VAE, init_output_bias
 
 
 def suggest(trial: optuna.Trial, cfg: SweepConfig) -> dict:
@@ -106,18 +106,14 @@ class Objective:
 
     def train(self, trial: optuna.Trial, chosen: dict, stop: runtime.StopRequest) -> float:
         # What the sweep does not search is params.yaml's, as in the winner's retraining.
-        shape, cfg = self.params.model, self.params.train
-        torch.manual_seed(cfg.seed + trial.number)
-        model = VAE(
-            chosen["model.hidden_dim"], chosen["model.latent_dim"], shape.hidden_layers,
-            shape.activation,
-        ).to(self.device)  # fmt: skip
-        if shape.output_bias == "data_mean":
-            init_output_bias(model, self.train_x.mean(dim=0))
-        betas = (cfg.adam_beta1, cfg.adam_beta2)
-        optimizer = training.make_optimizer(
-            model, chosen["train.lr"], betas, cfg.adam_eps, cfg.adam_v0
+        shape = replace(
+            self.params.model,
+            hidden_dim=chosen["model.hidden_dim"],
+            latent_dim=chosen["model.latent_dim"],
         )
+        cfg = replace(self.params.train, lr=chosen["train.lr"])
+        torch.manual_seed(cfg.seed + trial.number)
+        model, optimizer = training.vae_and_optimizer(shape, cfg, self.train_x)
         epochs = training.fit(
             model, optimizer, self.train_x, self.held_out, first_epoch=1,
             epochs=self.params.sweep.epochs, batch_size=chosen["train.batch_size"],

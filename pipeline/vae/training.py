@@ -17,10 +17,11 @@ from functools import partial
 import torch
 from tqdm import tqdm
 
+from pipeline.config import ModelConfig, TrainConfig
 from pipeline.errors import ConfigError, NonFiniteLoss
 from pipeline.runtime import StopRequest
 from pipeline.vae.fast_step import FastStep
-from pipeline.vae.model import VAE, loss_terms
+from pipeline.vae.model import VAE, init_output_bias, loss_terms
 
 
 @dataclass
@@ -86,6 +87,19 @@ def make_optimizer(
                 "exp_avg_sq": torch.full_like(p, v0),
             }
     return optimizer
+
+
+def vae_and_optimizer(
+    shape: ModelConfig, cfg: TrainConfig, train_x: torch.Tensor
+) -> tuple[VAE, torch.optim.Optimizer]:
+    """The VAE `shape` describes, on `train_x`'s device (its output bias the logit of the mean
+    training pixel when `shape.output_bias` asks), and Adam with `cfg`'s settings."""
+    model = VAE(shape.hidden_dim, shape.latent_dim, shape.hidden_layers, shape.activation)
+    model = model.to(train_x.device)
+    if shape.output_bias == "data_mean":
+        init_output_bias(model, train_x.mean(dim=0))
+    betas = (cfg.adam_beta1, cfg.adam_beta2)
+    return model, make_optimizer(model, cfg.lr, betas, cfg.adam_eps, cfg.adam_v0)
 
 
 BURDA_STAGES = 8
