@@ -175,7 +175,9 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--s3-port", type=int, default=8333)
     t.add_argument("--postgres-port", type=int, default=5433)
     t.set_defaults(run=stack)
-    b = commands.add_parser("bench", help="time an epoch four ways and the train stage")
+    b = commands.add_parser(
+        "bench", help="time the lab's epoch, the paper's step and the train stage"
+    )
     b.add_argument("--repeats", type=int, default=5, help="rounds; each path keeps its best")
     b.set_defaults(run=bench)
     return root
