@@ -1,12 +1,17 @@
-"""`make bench`'s paper lines: the floor is the step's own matrix products, and every path runs."""
+"""`make bench`: the paper lines' floor is the step's own matrix products, every path runs, and
+the whole command prints its lines."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
+import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
+from pipeline.paths import RAW_ROOT
+from pipeline.tools import bench
 from pipeline.tools.bench_step import matmul_floor, paper_steps
 from pipeline.vae.fast_step import FastStep
 from pipeline.vae.model import VAE
@@ -45,3 +50,21 @@ def test_the_paper_lines_time_all_five_paths(workdir: Path) -> None:
     seconds = paper_steps(rounds=1)
     assert set(seconds) == {"ours", "autograd", "floor", "floor+adam", "floor+adam+batch"}
     assert all(0 < s < 1 for s in seconds.values()), seconds
+
+
+@pytest.mark.slow
+def test_make_bench_runs_every_part_on_tiny_data(
+    workdir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    shutil.copytree(workdir.parent / "raw", workdir / RAW_ROOT / "MNIST" / "raw")
+    bench.run(repeats=1)
+    out = capsys.readouterr().out
+    for line in (
+        "dataloader (torchvision + DataLoader)",
+        "speed-up over the DataLoader path",
+        "floor + Adam + the batch (gather, draw)",
+        "ours / floor:",
+        "train stage, 3 epochs",
+        "of which",
+    ):
+        assert line in out, out
