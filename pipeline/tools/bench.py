@@ -50,7 +50,7 @@ from pipeline.tools.bench_step import (
 )
 from pipeline.tracking.runs import read_run_info
 from pipeline.vae.model import VAE, loss_terms
-from pipeline.vae.training import make_optimizer, train_epoch, use_fast_step
+from pipeline.vae.training import train_epoch, use_fast_step, vae_and_optimizer
 
 # ours against the DataLoader path and the floor; the stage's epochs against ours; the stage's
 # time outside its epochs (imports, the store, pictures, checkpoints, the model) in seconds.
@@ -123,17 +123,15 @@ def run(repeats: int = 5) -> None:
 
     images, _ = load_split(TRAIN_SPLIT)
     n_batches = -(-len(images) // batch_size)
-    ours_model, autograd_model = VAE(hidden, latent), VAE(hidden, latent)
-    ours_optimizer = make_optimizer(ours_model, params.train.lr)
-    autograd_optimizer = make_optimizer(autograd_model, params.train.lr)
+    ours_model, ours_optimizer = vae_and_optimizer(params.model, params.train, images)
+    autograd_model, autograd_optimizer = vae_and_optimizer(params.model, params.train, images)
     fast = use_fast_step(params.train.step, torch.device("cpu"))
     dataset = datasets.MNIST(RAW_ROOT, train=True, download=False, transform=transforms.ToTensor())
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=True)
-    idiomatic_model = VAE(hidden, latent)
+    idiomatic_model, _ = vae_and_optimizer(params.model, params.train, images)
     idiomatic_optimizer = torch.optim.Adam(idiomatic_model.parameters(), lr=params.train.lr)
-    floor_model = VAE(hidden, latent)
-    stepped_model = VAE(hidden, latent)
-    stepped_optimizer = make_optimizer(stepped_model, params.train.lr)
+    floor_model, _ = vae_and_optimizer(params.model, params.train, images)
+    stepped_model, stepped_optimizer = vae_and_optimizer(params.model, params.train, images)
     best = best_of_rounds(
         {
             "dataloader": lambda: dataloader_epoch(idiomatic_model, idiomatic_optimizer, loader),
