@@ -30,6 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -115,7 +116,7 @@ def time_train_stage() -> tuple[float, list[float]]:
 def run(repeats: int = 5) -> None:
     """Time the lab's five paths, the paper's five and the train stage; print the figures and
     the targets."""
-    flush_denormals()  # as the train stage does, for all three paths alike
+    flush_denormals()  # as the train stage does, for every path alike
     params = load_params()
     hidden, latent = params.model.hidden_dim, params.model.latent_dim
     batch_size = params.train.batch_size
@@ -123,15 +124,16 @@ def run(repeats: int = 5) -> None:
 
     images, _ = load_split(TRAIN_SPLIT)
     n_batches = -(-len(images) // batch_size)
-    ours_model, ours_optimizer = vae_and_optimizer(params.model, params.train, images)
-    autograd_model, autograd_optimizer = vae_and_optimizer(params.model, params.train, images)
+    new_model = partial(vae_and_optimizer, params.model, params.train, images)
+    ours_model, ours_optimizer = new_model()
+    autograd_model, autograd_optimizer = new_model()
     fast = use_fast_step(params.train.step, torch.device("cpu"))
     dataset = datasets.MNIST(RAW_ROOT, train=True, download=False, transform=transforms.ToTensor())
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=True)
-    idiomatic_model, _ = vae_and_optimizer(params.model, params.train, images)
+    idiomatic_model, _ = new_model()
     idiomatic_optimizer = torch.optim.Adam(idiomatic_model.parameters(), lr=params.train.lr)
-    floor_model, _ = vae_and_optimizer(params.model, params.train, images)
-    stepped_model, stepped_optimizer = vae_and_optimizer(params.model, params.train, images)
+    floor_model, _ = new_model()
+    stepped_model, stepped_optimizer = new_model()
     best = best_of_rounds(
         {
             "dataloader": lambda: dataloader_epoch(idiomatic_model, idiomatic_optimizer, loader),
