@@ -63,8 +63,9 @@ def matmul_floor(step: FastStep, batch: int) -> Callable[[], None]:
     return products
 
 
-def paper_steps(rounds: int) -> dict[str, float]:
-    """Seconds a step of the paper's shape takes along each of the five paths (best round)."""
+def paper_steps(rounds: int) -> tuple[dict[str, float], int]:
+    """Seconds a step of the paper's shape takes along each of the five paths (best round), and
+    the steps a round times (PAPER_STEPS, or fewer where the training set has fewer batches)."""
     params = load_params_with(read_preset("burda2015"), "preset burda2015")
     shape, cfg = params.model, params.train
     images, _ = load_split(TRAIN_SPLIT)
@@ -100,20 +101,20 @@ def paper_steps(rounds: int) -> dict[str, float]:
         },
         rounds,
     )
-    return {name: seconds / len(batches) for name, seconds in best.items()}
+    return {name: seconds / len(batches) for name, seconds in best.items()}, len(batches)
 
 
 def verdict(ok: bool) -> str:
     return "ok" if ok else "MISSED"
 
 
-def print_paper_lines(seconds: dict[str, float], rounds: int) -> None:
+def print_paper_lines(seconds: dict[str, float], rounds: int, steps: int) -> None:
     """The five paths in milliseconds, and ours and autograd against the floor and the rest."""
     ms = {name: value * 1e3 for name, value in seconds.items()}
     floor = ms["floor"]
     print(
         f"the paper's step (784-200-200-50 tanh, batch 20, binarised), best of {rounds} rounds "
-        f"of {PAPER_STEPS} steps:"
+        f"of {steps} steps:"
     )
     print(f"  ours (fast_step.py)                        {ms['ours']:6.3f} ms")
     print(f"  autograd (model.py, fused Adam)            {ms['autograd']:6.3f} ms")

@@ -47,7 +47,8 @@ def test_the_floor_makes_exactly_the_products_of_a_paper_step() -> None:
 
 
 def test_the_paper_lines_time_all_five_paths(workdir: Path) -> None:
-    seconds = paper_steps(rounds=1)
+    seconds, steps = paper_steps(rounds=1)
+    assert steps == 13  # the tiny training set: 256 images, 13 batches of 20, not 100
     assert set(seconds) == {"ours", "autograd", "floor", "floor+adam", "floor+adam+batch"}
     assert all(0 < s < 1 for s in seconds.values()), seconds
 
@@ -62,6 +63,7 @@ def test_make_bench_runs_every_part_on_tiny_data(
     for line in (
         "dataloader (torchvision + DataLoader)",
         "speed-up over the DataLoader path",
+        "rounds of 13 steps",  # the tiny training set's batches, not PAPER_STEPS
         "floor + Adam + the batch (gather, draw)",
         "ours / floor:",
         "train stage, 3 epochs",
