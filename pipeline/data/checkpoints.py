@@ -28,8 +28,8 @@ import torch
 from pipeline.config import Params
 from pipeline.data.files import atomic_path, hash_file
 from pipeline.errors import first_line
+from pipeline.vae.history import Epoch
 from pipeline.vae.model import VAE
-from pipeline.vae.training import Epoch
 
 
 class Resumed(NamedTuple):

@@ -16,6 +16,7 @@ from pipeline.data.weights import save_vae
 from pipeline.errors import Interrupted, reports_errors
 from pipeline.tracking import runs, store
 from pipeline.vae import grids, training
+from pipeline.vae.history import HISTORY_FIELDS, time_left
 from pipeline.vae.model import VAE
 
 
@@ -52,7 +53,7 @@ def train(params: Params) -> None:
                 save_checkpoint(
                     paths.CHECKPOINT, key, model, optimizer, history, run_id, cfg.epochs
                 )
-                left = training.time_left(history, first_new, cfg.epochs)
+                left = time_left(history, first_new, cfg.epochs)
                 print(f"{row.line(cfg.epochs)}  lr {row.lr:.2g}{left}", flush=True)
                 runs.log_epoch(asdict(row), pictures, cfg.epochs)
         except Interrupted as interrupted:
@@ -68,7 +69,7 @@ def write_outputs(model: VAE, history: list, run_id: str, experiment_id: str) ->
     final = asdict(history[-1])  # the training terms: the test set's numbers are evaluate's
     terms = {key: final[key] for key in ("train_loss", "train_recon", "train_kl")}
     write_json(paths.TRAIN_METRICS, terms | {"epochs": final["epoch"]})
-    write_csv(paths.TRAIN_HISTORY, [asdict(row) for row in history], training.HISTORY_FIELDS)
+    write_csv(paths.TRAIN_HISTORY, [asdict(row) for row in history], HISTORY_FIELDS)
     runs.log_trained_model(paths.WEIGHTS, model.latent_dim)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipeline.data.checkpoints import kept
-from pipeline.vae.training import Epoch
+from pipeline.vae.history import Epoch
 
 
 def rows(n: int) -> list[Epoch]:

@@ -199,15 +199,3 @@ def test_adam_can_start_its_second_moment_at_one_as_burdas_code() -> None:
     v_hat = (b2 + (1 - b2) * 0.25) / (1 - b2)
     assert steps[1.0] == pytest.approx(torch.full((2,), lr * m_hat / (v_hat**0.5 + eps)), rel=1e-4)
     assert steps[0.0] == pytest.approx(torch.full((2,), lr * 0.5 / (0.5 + eps)), rel=1e-4)
-
-
-def test_the_time_left_follows_the_recent_epochs_and_ignores_one_paused_epoch() -> None:
-    def row(epoch: int, seconds: float) -> training.Epoch:
-        return training.Epoch(epoch, 0, 0, 0, 0, 0, 0, seconds, 0.001)
-
-    resumed = [row(e, 100.0) for e in range(1, 11)]  # a previous process's epochs: not counted
-    history = resumed + [row(e, 5.0) for e in range(11, 40)] + [row(40, 900.0)]  # one paused
-    assert training.time_left(history, 10, 100) == ", 0:05:00 left"  # 60 epochs at 5 s
-    history += [row(e, 2.0) for e in range(41, 41 + training.PACE_EPOCHS)]  # the machine sped up
-    assert training.time_left(history, 10, 100) == ", 0:01:20 left"  # 40 epochs at 2 s
-    assert training.time_left(history, 10, history[-1].epoch) == ""
