@@ -154,7 +154,7 @@ def run(repeats: int = 5) -> None:
         best[k] for k in ("dataloader", "ours", "autograd", "floor", "floor+adam")
     )
     speedup, over_floor = idiomatic / ours, ours / floor
-    paper, paper_round = paper_steps(PAPER_ROUNDS * repeats)
+    paper, steps_a_round = paper_steps(PAPER_ROUNDS * repeats)
     stage_wall, stage_epochs = time_train_stage()
     stage_epoch, outside = min(stage_epochs), stage_wall - sum(stage_epochs)
     start_up = min(time_start_up() for _ in range(3))
@@ -178,7 +178,7 @@ def run(repeats: int = 5) -> None:
     )
     # No loop over the same model can beat the floor, so this bounds the speed-up from above.
     print(f"  the floor itself is {idiomatic / floor:.2f}x faster than the DataLoader path")
-    print_paper_lines(paper, PAPER_ROUNDS * repeats, paper_round)
+    print_paper_lines(paper, PAPER_ROUNDS * repeats, steps_a_round)
     print(f"train stage, {len(stage_epochs)} epochs, a store that exists: {stage_wall:.1f} s wall")
     stage_over_ours = stage_epoch / ours
     print(
