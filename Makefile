@@ -1,23 +1,45 @@
 # `make repro` and `make test` set up .venv themselves: a fresh clone needs only Python and make.
+# .venv is installed from uv.lock (every package, version and hash), by a uv bootstrapped from PyPI.
 PYTHON ?= python3
 VENV := .venv
 INSTALLED := $(VENV)/.installed
+UV_VERSION := 0.13.9
+UV := .tools/uv-$(UV_VERSION)/bin/uv
+# uv finds Python, never downloads one; its cache (~/.cache/uv) makes a second clone's install fast.
+export UV_PYTHON_DOWNLOADS := never
 # Stage commands in dvc.yaml call `python`: make it the virtual environment's.
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: venv browser repro test test-fast lint format bench mutants promote report stack paper sweep explore clean
+.PHONY: venv browser repro test test-fast lint format bench mutants promote report stack paper sweep explore clean lock-check upgrade
 
 venv: $(INSTALLED)
 
-$(INSTALLED): pyproject.toml
-	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/python -m pip install --quiet -e '.[dev]'
+$(UV):
+	$(PYTHON) -m pip install --quiet --disable-pip-version-check --target $(dir $(@D)) uv==$(UV_VERSION)
+
+# --locked: refuses, naming uv.lock, when pyproject.toml and the lock disagree (run `$(UV) lock`).
+$(INSTALLED): pyproject.toml uv.lock | $(UV)
+	$(UV) sync --locked --extra dev --python $(PYTHON) --quiet
 	touch $@
+
+lock-check: $(UV)
+	$(UV) lock --check
+
+# Newer releases of every dependency within pyproject.toml's ranges, then the whole pipeline again;
+# says whether the committed results still reproduce (git diff of dvc.lock, metrics and plots).
+upgrade: $(UV)
+	$(UV) lock --upgrade
+	$(UV) sync --locked --extra dev --python $(PYTHON) --quiet && touch $(INSTALLED)
+	dvc repro
+	@git diff --quiet -- dvc.lock metrics plots reports \
+		&& echo "upgrade: the committed results reproduce with the new lock" \
+		|| { git diff --stat -- dvc.lock metrics plots reports; \
+		     echo "upgrade: the results changed (above); commit uv.lock with them, or git checkout uv.lock"; }
 
 repro: $(INSTALLED)
 	dvc repro
 
-test: $(INSTALLED) browser
+test: $(INSTALLED) browser lock-check
 	pytest --durations=0 --durations-min=1.0
 
 # The explorer's browser test drives Debian's Chromium (Playwright's own download is not reachable).
@@ -77,4 +99,4 @@ stack: $(INSTALLED)
 	mnist-vae stack
 
 clean:
-	rm -rf checkpoints mutants .pytest_cache .ruff_cache
+	rm -rf checkpoints mutants .pytest_cache .ruff_cache .tools
