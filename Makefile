@@ -10,7 +10,7 @@ export UV_PYTHON_DOWNLOADS := never
 # Stage commands in dvc.yaml call `python`: make it the virtual environment's.
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: venv browser repro test test-fast lint format bench mutants promote report stack paper sweep explore clean lock-check upgrade
+.PHONY: venv browser qemu repro test test-fast lint format bench mutants promote report stack paper sweep explore clean lock-check upgrade
 
 venv: $(INSTALLED)
 
@@ -39,7 +39,7 @@ upgrade: $(UV)
 repro: $(INSTALLED)
 	dvc repro
 
-test: $(INSTALLED) browser lock-check
+test: $(INSTALLED) browser qemu lock-check
 	pytest --durations=0 --durations-min=1.0
 
 # The explorer's browser test drives Debian's Chromium (Playwright's own download is not reachable).
@@ -47,6 +47,12 @@ browser:
 	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && { apt-get install -y -q chromium \
 		|| { apt-get update -q && apt-get install -y -q chromium; }; }; } \
 		|| echo "no Chromium installed: the explorer's browser test will say so and skip"
+
+# The exact-mode test runs a piece of training on an emulated CPU of the other vendor (Debian's qemu-user).
+qemu:
+	@command -v qemu-x86_64 >/dev/null || { [ "$$(id -u)" = 0 ] && { apt-get install -y -q qemu-user \
+		|| { apt-get update -q && apt-get install -y -q qemu-user; }; }; } \
+		|| echo "no qemu-user installed: the exact-mode test will say so and skip"
 
 test-fast: $(INSTALLED)
 	pytest -m "not slow"

@@ -11,7 +11,6 @@ TEST_SPLIT = PROCESSED / "test.safetensors"
 CLASS_COUNTS = PROCESSED / "counts.json"
 
 WEIGHTS = Path("models/vae.safetensors")
-RUN_INFO = Path("models/mlflow_run.json")
 CHECKPOINT = Path("checkpoints/train.pt")  # working state for resuming, not a DVC output
 TRAIN_METRICS = Path("metrics/train.json")
 TRAIN_HISTORY = Path("plots/train_history.csv")

@@ -19,9 +19,9 @@ from mlflow.tracking import MlflowClient
 
 from pipeline.config import Params
 from pipeline.errors import TrackingError
-from pipeline.paths import EVAL_METRICS, FIGURES, RUN_INFO, TRAIN_HISTORY, TRAIN_METRICS
+from pipeline.paths import EVAL_METRICS, FIGURES, TRAIN_HISTORY, TRAIN_METRICS, WEIGHTS
 from pipeline.tracking import registry
-from pipeline.tracking.runs import read_run_info
+from pipeline.tracking.runs import training_run_of
 from pipeline.tracking.store import tracking_uri
 
 LAB = json.loads((Path(__file__).parent / "lab_curve.json").read_text())
@@ -101,8 +101,12 @@ def run_facts() -> str:
     if no_local_store(uri):
         return "no MLflow store here"
     try:
-        run_id = read_run_info(RUN_INFO)["run_id"]
         client = MlflowClient(uri)
+        experiments = [e.experiment_id for e in client.search_experiments()]
+        trained = training_run_of(WEIGHTS, experiments, client)
+        if trained is None:
+            return "its MLflow run is not in this store"
+        run_id = trained.info.run_id
         tags = client.get_run(run_id).data.tags
         seconds = sum(m.value for m in client.get_metric_history(run_id, "train/epoch_seconds"))
     except (MlflowException, TrackingError, OSError):

@@ -11,7 +11,7 @@ from pipeline.data.files import write_json
 from pipeline.data.splits import load_test_set
 from pipeline.data.weights import load_vae
 from pipeline.errors import reports_errors
-from pipeline.paths import EVAL_BREAKDOWN, EVAL_METRICS, RUN_INFO, TEST_SPLIT, WEIGHTS
+from pipeline.paths import EVAL_BREAKDOWN, EVAL_METRICS, TEST_SPLIT, WEIGHTS
 from pipeline.tracking import registry, runs
 from pipeline.vae.evaluation import BREAKDOWNS, SCALAR_METRICS, evaluate
 
@@ -19,9 +19,9 @@ from pipeline.vae.evaluation import BREAKDOWNS, SCALAR_METRICS, evaluate
 def run_evaluation(params: Params) -> dict:
     cfg, data = params.evaluate, params.data
     registry.check_metric(params.registry)
-    with runs.attached_run(params.mlflow.experiment, RUN_INFO) as (run, attached):
-        device = runtime.pick_device(params.train.device)  # IWAE at k = 5,000 is slow on a CPU
-        model = load_vae(WEIGHTS, device)
+    device = runtime.pick_device(params.train.device)  # IWAE at k = 5,000 is slow on a CPU
+    model = load_vae(WEIGHTS, device)
+    with runs.attached_run(params.mlflow.experiment, WEIGHTS) as (run, attached):
         binarize = data.binarize == "dynamic"  # the same test set that training reported on
         images, labels = load_test_set(TEST_SPLIT, binarize, data.binarize_seed, device)
         metrics = evaluate(

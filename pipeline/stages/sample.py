@@ -8,7 +8,7 @@ from pipeline.data.files import atomic_path, read_csv_numbers
 from pipeline.data.splits import load_split
 from pipeline.data.weights import load_vae
 from pipeline.errors import reports_errors
-from pipeline.paths import FIGURES, RUN_INFO, TEST_SPLIT, TRAIN_HISTORY, WEIGHTS
+from pipeline.paths import FIGURES, TEST_SPLIT, TRAIN_HISTORY, WEIGHTS
 from pipeline.tracking import runs
 from pipeline.vae.figures import draw_all
 
@@ -20,7 +20,7 @@ def run_sampling(params: Params) -> list[str]:
     for name, fig in drawn.items():
         with atomic_path(FIGURES / f"{name}.png") as tmp:
             fig.savefig(tmp, format="png", dpi=100)
-    with runs.attached_run(params.mlflow.experiment, RUN_INFO):
+    with runs.attached_run(params.mlflow.experiment, WEIGHTS):
         runs.log_figures(FIGURES / f"{name}.png" for name in drawn)
     return list(drawn)
 

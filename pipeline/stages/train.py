@@ -59,13 +59,12 @@ def train(params: Params) -> None:
         except Interrupted as interrupted:
             message = kept(history, paths.CHECKPOINT, run_id)
             raise Interrupted(interrupted.signum, message) from None
-        write_outputs(model, history, run_id, experiment_id)
+        write_outputs(model, history)
     print(f"MLflow run {run_id} in {store.tracking_uri()}")
 
 
-def write_outputs(model: VAE, history: list, run_id: str, experiment_id: str) -> None:
+def write_outputs(model: VAE, history: list) -> None:
     save_vae(model, paths.WEIGHTS)
-    runs.write_run_info(paths.RUN_INFO, run_id, experiment_id)
     final = asdict(history[-1])  # the training terms: the test set's numbers are evaluate's
     terms = {key: final[key] for key in ("train_loss", "train_recon", "train_kl")}
     write_json(paths.TRAIN_METRICS, terms | {"epochs": final["epoch"]})

@@ -40,7 +40,8 @@ from torchvision import datasets, transforms
 
 from pipeline.config import load_params
 from pipeline.data.splits import load_split
-from pipeline.paths import PROCESSED, RAW_ROOT, RUN_INFO, TRAIN_SPLIT
+from pipeline.exact import SETTINGS, SWITCH
+from pipeline.paths import PROCESSED, RAW_ROOT, TRAIN_SPLIT
 from pipeline.runtime import flush_denormals
 from pipeline.tools.bench_step import (
     PAPER_ROUNDS,
@@ -49,7 +50,6 @@ from pipeline.tools.bench_step import (
     print_paper_lines,
     verdict,
 )
-from pipeline.tracking.runs import read_run_info
 from pipeline.vae.model import VAE, loss_terms
 from pipeline.vae.training import train_epoch, use_fast_step, vae_and_optimizer
 
@@ -107,10 +107,42 @@ def time_train_stage() -> tuple[float, list[float]]:
         command = [sys.executable, "-m", "pipeline.stages.train"]
         subprocess.run(command, cwd=work, env=env, check=True, stdout=subprocess.DEVNULL)
         wall = time.perf_counter() - start
-        run_id = read_run_info(work / RUN_INFO)["run_id"]
         client = MlflowClient(f"sqlite:///{work / 'mlflow.db'}")
+        (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+        run_id = run.info.run_id
         logged = client.get_metric_history(run_id, "train/epoch_seconds")
         return wall, [metric.value for metric in sorted(logged, key=lambda m: m.step)]
+
+
+def lab_epoch_seconds(repeats: int) -> list[float]:
+    """The train stage's epoch (params.yaml, the step train.step picks) `repeats` times after a
+    warm-up, in this process: what `time_exact_mode` runs in a fresh interpreter per mode."""
+    params = load_params()
+    images, _ = load_split(TRAIN_SPLIT)
+    model, optimizer = vae_and_optimizer(params.model, params.train, images)
+    fast = use_fast_step(params.train.step, torch.device("cpu"))
+    seconds = []
+    for _ in range(repeats + 1):
+        start = time.perf_counter()
+        train_epoch(model, optimizer, images, params.train.batch_size, False, 1, 1, fast=fast)
+        seconds.append(time.perf_counter() - start)
+    return seconds[1:]
+
+
+def time_exact_mode(repeats: int) -> dict[str, float]:
+    """The lab's epoch with exact mode on and off (pipeline/exact.py: set before torch loads, so
+    a fresh interpreter each), taking turns; the best epoch of each."""
+    code = "from pipeline.tools import bench; print(min(bench.lab_epoch_seconds(2)))"
+    best = {"on": float("inf"), "off": float("inf")}
+    for _ in range(max(1, repeats // 2)):
+        for mode, switch in (("on", "1"), ("off", "0")):
+            env = {key: value for key, value in os.environ.items() if key not in SETTINGS}
+            env[SWITCH] = switch
+            out = subprocess.run(
+                [sys.executable, "-c", code], env=env, check=True, capture_output=True, text=True
+            )
+            best[mode] = min(best[mode], float(out.stdout.split()[-1]))
+    return best
 
 
 def run(repeats: int = 5) -> None:
@@ -158,6 +190,7 @@ def run(repeats: int = 5) -> None:
     stage_wall, stage_epochs = time_train_stage()
     stage_epoch, outside = min(stage_epochs), stage_wall - sum(stage_epochs)
     start_up = min(time_start_up() for _ in range(3))
+    exact = time_exact_mode(repeats)
     print(
         f"one epoch, hidden {hidden}, latent {latent}, batch {batch_size}, "
         f"{torch.get_num_threads()} threads, best of {repeats}:"
@@ -178,6 +211,10 @@ def run(repeats: int = 5) -> None:
     )
     # No loop over the same model can beat the floor, so this bounds the speed-up from above.
     print(f"  the floor itself is {idiomatic / floor:.2f}x faster than the DataLoader path")
+    print(
+        f"  exact mode (pipeline/exact.py), a fresh interpreter each: on {exact['on']:.2f} s, "
+        f"off {exact['off']:.2f} s; on / off {exact['on'] / exact['off']:.2f}x"
+    )
     print_paper_lines(paper, PAPER_ROUNDS * repeats, steps_a_round)
     print(f"train stage, {len(stage_epochs)} epochs, a store that exists: {stage_wall:.1f} s wall")
     stage_over_ours = stage_epoch / ours

@@ -12,7 +12,7 @@ PACKAGE = Path(__file__).resolve().parents[1]
 
 # Lowest first. A module may import its own layer and the layers listed before it, never after.
 LAYERS = {
-    "foundation": "config, errors, paths, runtime: read params.yaml, one-line errors, set-up",
+    "foundation": "config, errors, exact, paths, runtime: params.yaml, one-line errors, set-up",
     "vae": "the science: the handout's model, the training loop, evaluation, pictures; torch",
     "data": "files on disk: MNIST and its checksums, splits, weights, checkpoints",
     "tracking": "MLflow: the store, runs, the pyfunc model, the registry",

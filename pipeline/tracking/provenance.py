@@ -13,6 +13,7 @@ import mlflow
 import torch
 import yaml
 
+from pipeline import exact
 from pipeline.config import Params
 from pipeline.data.files import hash_file, read_tensors
 from pipeline.data.mnist import FILES as CANONICAL
@@ -52,6 +53,9 @@ def data_version(lock: Path = Path("dvc.lock")) -> str:
 
 def run_tags(device: torch.device) -> dict[str, str]:
     tags = {**git_tags(), "torch.version": torch.__version__, "device": str(device)}
+    # exact mode and what torch really runs: its vectorised kernels' level and thread count
+    tags |= exact.recorded() | {"torch.cpu_capability": torch.backends.cpu.get_cpu_capability()}
+    tags["torch.threads"] = str(torch.get_num_threads())
     tags |= {"data.version": data_version(), "dvc.stage": "train"}
     if os.environ.get("DVC_EXP_NAME"):
         tags["dvc.exp_name"] = os.environ["DVC_EXP_NAME"]

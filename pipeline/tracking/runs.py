@@ -3,7 +3,7 @@ evaluate and sample stages attaching their results to the run that trained the m
 
 from __future__ import annotations
 
-import json
+import hashlib
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -17,7 +17,7 @@ from mlflow.entities import RunStatus
 from mlflow.tracking import MlflowClient
 
 from pipeline.config import Params
-from pipeline.data.files import write_json
+from pipeline.data.files import hash_file
 from pipeline.errors import Interrupted, TrackingError
 from pipeline.paths import TEST_SPLIT, TRAIN_SPLIT
 from pipeline.tracking.provenance import (
@@ -28,7 +28,7 @@ from pipeline.tracking.provenance import (
     this_process,
 )
 from pipeline.tracking.pyfunc import log_vae_model
-from pipeline.tracking.store import connect, run_status, tracking_uri
+from pipeline.tracking.store import connect, tracking_uri
 
 
 def logged_steps(run_id: str, key: str) -> set[int]:
@@ -133,11 +133,36 @@ def log_missing_epochs(
             log_epoch(row, draw_pictures if row is history[-1] else None, epochs)
 
 
+# The tag that ties a run to the weights file it trained: evaluate and sample find the run by it.
+# (No run id in a DVC output: it would change dvc.lock on every run, and differ between clones.)
+WEIGHTS_TAG = "weights_sha256"
+
+
+def weights_digest(weights: Path) -> str:
+    try:
+        return hash_file(weights, hashlib.sha256()).hexdigest()
+    except FileNotFoundError:
+        raise TrackingError(f"{weights}: not found; run `dvc repro train` first") from None
+
+
 def log_trained_model(weights: Path, latent_dim: int) -> None:
-    """What the end of training adds to the run: the whole VAE as its MLflow model and the weights
-    file (the curves are the run's metrics; the sample stage adds the figures)."""
+    """What the end of training adds to the run: the whole VAE as its MLflow model, the weights
+    file and its SHA-256 as a tag (the curves are the run's metrics; sample adds the figures)."""
     log_vae_model(weights, latent_dim)
     mlflow.log_artifact(str(weights), "weights")
+    mlflow.set_tag(WEIGHTS_TAG, weights_digest(weights))
+
+
+def training_run_of(weights: Path, experiment_ids: list[str], client: MlflowClient | None = None):
+    """The latest run in `experiment_ids` that trained these exact weights (by `WEIGHTS_TAG`), or
+    None. Identical weights from two runs (exact mode makes that the rule) are one model."""
+    found = (client or MlflowClient()).search_runs(
+        experiment_ids,
+        f"tags.{WEIGHTS_TAG} = '{weights_digest(weights)}'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    return found[0] if found else None
 
 
 def log_figures(paths: Iterable[Path]) -> None:
@@ -146,37 +171,27 @@ def log_figures(paths: Iterable[Path]) -> None:
         mlflow.log_artifact(str(path), "figures")
 
 
-def write_run_info(path: Path, run_id: str, experiment_id: str) -> None:
-    write_json(path, {"run_id": run_id, "experiment_id": experiment_id})
-
-
-def read_run_info(path: Path) -> dict:
-    try:
-        return json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise TrackingError(f"{path}: not found; run `dvc repro train` first") from None
-
-
 @contextmanager
-def attached_run(experiment: str, run_info: Path) -> Iterator[tuple[mlflow.ActiveRun, bool]]:
-    """The MLflow run that trained the model and True; or, when this store does not have it
-    (outputs restored from a DVC cache made elsewhere), a new run tagged with its id and False."""
+def attached_run(experiment: str, weights: Path) -> Iterator[tuple[mlflow.ActiveRun, bool]]:
+    """The MLflow run that trained `weights` and True; or, when this store has none (outputs
+    restored from a DVC cache made elsewhere), a new run tagged with the weights' digest and
+    False."""
     experiment_id = connect(experiment)
-    trained_in = read_run_info(run_info)["run_id"]
-    status = run_status(trained_in)
-    if status is not None:
-        with mlflow.start_run(run_id=trained_in) as run:
+    trained = training_run_of(weights, [experiment_id])
+    if trained is not None:
+        with mlflow.start_run(run_id=trained.info.run_id) as run:
             try:
                 yield run, True
             except BaseException:
-                mlflow.end_run(status)  # a failed evaluation does not make training fail
+                mlflow.end_run(trained.info.status)  # a failed evaluation does not fail training
                 raise
         return
-    tags = {"trained_in_run": trained_in}
+    digest = weights_digest(weights)
+    tags = {f"evaluated_{WEIGHTS_TAG}": digest}
     with mlflow.start_run(experiment_id=experiment_id, tags=tags) as run:
         print(
-            f"MLflow run {trained_in} (from {run_info}) is not in {tracking_uri()}; "
-            f"logging to new run {run.info.run_id}, tagged trained_in_run={trained_in}"
+            f"no MLflow run in {tracking_uri()} trained {weights} (sha256 {digest[:16]}...); "
+            f"logging to new run {run.info.run_id}, tagged evaluated_{WEIGHTS_TAG}"
         )
         yield run, False
 

@@ -130,7 +130,8 @@ class FastStep:
             h = self.forward_act(torch.addmm(layer.bias, h, layer.weight_t, out=out))
         torch.addmm(self.heads.bias, h, self.heads.weight_t, out=b.heads)  # [mu, logvar]
         var = torch.exp(b.logvar, out=b.var)
-        std = torch.sqrt(var, out=b.std)
+        # exp(0.5 logvar), as model.py: oneMKL's sqrt gives other bits on other CPU vendors
+        std = torch.mul(b.logvar, 0.5, out=b.std).exp_()
         torch.mul(std, b.eps.normal_(), out=b.noise)
         g = torch.add(b.mu, b.noise, out=b.z)  # z = mu + exp(0.5 logvar) eps
         # 0.5 (exp(logvar) - 1): in the KL and in its gradient on logvar

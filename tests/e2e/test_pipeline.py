@@ -26,6 +26,7 @@ from helpers.repo import (
     store,
     wait_for,
 )
+from helpers.workdir import trained_run_id
 from pipeline.config import load_params
 from pipeline.data import mnist as data
 from pipeline.data import splits
@@ -34,7 +35,6 @@ from pipeline.paths import (
     EVAL_METRICS,
     FIGURES,
     RAW_ROOT,
-    RUN_INFO,
     TEST_SPLIT,
     TRAIN_HISTORY,
     TRAIN_SPLIT,
@@ -139,7 +139,7 @@ def test_figures_exist(reproduced: tuple[Path, str]) -> None:
 def test_the_mlflow_store_holds_the_whole_run(reproduced: tuple[Path, str]) -> None:
     repo, _ = reproduced
     client = store(repo)
-    run_id = json.loads((repo / RUN_INFO).read_text())["run_id"]
+    run_id = trained_run_id(repo)
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED"
     for key in ("train/loss", "train/recon", "train/kl", "test/loss", "test/recon", "test/kl"):
@@ -158,7 +158,7 @@ def test_the_mlflow_store_holds_the_whole_run(reproduced: tuple[Path, str]) -> N
 def test_the_registry_has_the_evaluated_model_as_candidate(reproduced: tuple[Path, str]) -> None:
     repo, _ = reproduced
     version = store(repo).get_model_version_by_alias("mnist-vae", "candidate")
-    run_id = json.loads((repo / RUN_INFO).read_text())["run_id"]
+    run_id = trained_run_id(repo)
     assert version.run_id == run_id and version.tags["evaluated"] == "true"
     assert float(version.tags["metric.test_loss"]) == pytest.approx(
         json.loads((repo / EVAL_METRICS).read_text())["test_loss"]
@@ -287,7 +287,7 @@ def test_a_stage_that_fails_under_dvc_keeps_the_previous_outputs(
     # replaces them, atomically, only when it succeeds.
     repo = tmp_path / "repo"
     shutil.copytree(reproduced[0], repo, symlinks=True)
-    outputs = ["models/vae.safetensors", "models/mlflow_run.json", "metrics/train.json"]
+    outputs = ["models/vae.safetensors", "metrics/train.json"]
     outputs += ["plots/train_history.csv", "metrics/evaluate.json", "figures/manifold.png"]
     before = {name: (repo / name).read_bytes() for name in outputs}
     params = yaml.safe_load((repo / "params.yaml").read_text())

@@ -4,7 +4,6 @@ data set."""
 from __future__ import annotations
 
 import hashlib
-import json
 import shutil
 from pathlib import Path
 
@@ -78,12 +77,11 @@ def make_workdir(folder: Path, mlflow_template: Path) -> Path:
 def train_tiny() -> str:
     """Run the train stage in the working folder on one thread; the MLflow run's id."""
     from pipeline.config import load_params
-    from pipeline.paths import RUN_INFO
     from pipeline.stages import train as train_stage
 
     torch.set_num_threads(1)
     train_stage.train(load_params())
-    return json.loads(RUN_INFO.read_text())["run_id"]
+    return trained_run_id()
 
 
 def run_evaluation_after_training() -> dict:
@@ -93,3 +91,17 @@ def run_evaluation_after_training() -> dict:
 
     train_tiny()
     return run_evaluation(load_params())
+
+
+def trained_run_id(repo: Path = Path("."), tracking_uri: str | None = None) -> str:
+    """The MLflow run that trained `repo`'s models/vae.safetensors (found by its weights' tag)."""
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.paths import WEIGHTS
+    from pipeline.tracking.runs import training_run_of
+
+    client = MlflowClient(tracking_uri or f"sqlite:///{(repo / 'mlflow.db').resolve()}")
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    run = training_run_of(repo / WEIGHTS, experiments, client)
+    assert run is not None, f"no run in {client.tracking_uri} trained {repo / WEIGHTS}"
+    return run.info.run_id

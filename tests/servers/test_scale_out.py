@@ -24,8 +24,9 @@ from helpers.repo import (
     store,
     wait_for,
 )
+from helpers.workdir import trained_run_id
 from pipeline.config import load_params
-from pipeline.paths import EVAL_METRICS, FIGURES, RUN_INFO, TRAIN_SPLIT, WEIGHTS
+from pipeline.paths import EVAL_METRICS, FIGURES, TRAIN_SPLIT, WEIGHTS
 from pipeline.stages import train as train_stage
 from pipeline.tools.servers import free_port
 
@@ -125,7 +126,7 @@ def test_dvc_push_then_pull_into_a_fresh_clone_restores_everything(
     pulled = dvc(clone, "pull")
     assert pulled.returncode == 0, pulled.stderr
     assert "Running stage" not in pulled.stdout + pulled.stderr
-    for path in (TRAIN_SPLIT, WEIGHTS, RUN_INFO, EVAL_METRICS, FIGURES / "manifold.png"):
+    for path in (TRAIN_SPLIT, WEIGHTS, EVAL_METRICS, FIGURES / "manifold.png"):
         assert (clone / path).read_bytes() == (repo / path).read_bytes(), path
     assert (clone / "data/raw/MNIST/raw/train-images-idx3-ubyte").stat().st_size == 47040016
     status = dvc(clone, "status")
@@ -155,7 +156,7 @@ def test_training_against_a_real_tracking_server(
 ) -> None:
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
     train_stage.train(load_params())
-    run_id = json.loads(RUN_INFO.read_text())["run_id"]
+    run_id = trained_run_id()
     client = MlflowClient(mlflow_server)
     for key in ("train/loss", "test/kl"):
         assert [m.step for m in client.get_metric_history(run_id, key)] == [1, 2, 3]

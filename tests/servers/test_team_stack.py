@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 import subprocess
 from pathlib import Path
@@ -16,7 +15,8 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from helpers.repo import dvc, git_commit, grid_steps, python_m
-from pipeline.paths import EVAL_METRICS, FIGURES, RUN_INFO, TRAIN_SPLIT, WEIGHTS
+from helpers.workdir import trained_run_id
+from pipeline.paths import EVAL_METRICS, FIGURES, TRAIN_SPLIT, WEIGHTS
 from pipeline.tools.stack import ARTIFACTS, Stack
 
 pytestmark = pytest.mark.slow
@@ -58,7 +58,7 @@ def team_repo(
 def test_runs_grids_and_the_model_go_to_postgres_and_s3_through_the_server(
     team_repo: Path, stack: Stack
 ) -> None:
-    run_id = json.loads((team_repo / RUN_INFO).read_text())["run_id"]
+    run_id = trained_run_id(team_repo, stack.tracking_uri)
     client = MlflowClient(stack.tracking_uri)
     for key in ("train/loss", "train/kl", "test/loss"):
         assert [m.step for m in client.get_metric_history(run_id, key)] == [1, 2], key
@@ -127,7 +127,7 @@ def test_a_dvc_remote_on_s3_restores_everything_in_a_fresh_clone(
     pulled = dvc(clone, "pull", **s3_keys(stack))
     assert pulled.returncode == 0, pulled.stdout + pulled.stderr
     assert "Running stage" not in pulled.stdout + pulled.stderr
-    for path in (TRAIN_SPLIT, WEIGHTS, RUN_INFO, EVAL_METRICS, FIGURES / "manifold.png"):
+    for path in (TRAIN_SPLIT, WEIGHTS, EVAL_METRICS, FIGURES / "manifold.png"):
         assert (clone / path).read_bytes() == (team_repo / path).read_bytes(), path
     status = dvc(clone, "status")
     assert "Data and pipelines are up to date" in status.stdout, status.stdout

@@ -10,8 +10,9 @@ from mlflow.tracking import MlflowClient
 
 from helpers.workdir import run_evaluation_after_training, train_tiny
 from pipeline.config import load_params
-from pipeline.paths import EVAL_BREAKDOWN, EVAL_METRICS, RUN_INFO
+from pipeline.paths import EVAL_BREAKDOWN, EVAL_METRICS, WEIGHTS
 from pipeline.stages.evaluate import run_evaluation
+from pipeline.tracking.runs import WEIGHTS_TAG, weights_digest
 from pipeline.vae.evaluation import (
     elbo_terms,
 )
@@ -59,20 +60,21 @@ def test_evaluate_logs_to_the_run_that_trained_the_model(workdir: Path) -> None:
 
 
 def test_evaluate_falls_back_to_a_new_tagged_run(workdir: Path, capsys) -> None:
-    train_tiny()
-    RUN_INFO.write_text(json.dumps({"run_id": "0123456789abcdef0123456789abcdef"}))
-    run_evaluation(load_params())
-    said = capsys.readouterr().out
-    assert (
-        "MLflow run 0123456789abcdef0123456789abcdef (from models/mlflow_run.json) is not in"
-        in said
-    )
+    # No run in this store trained these weights (outputs restored from a cache made elsewhere)
+    run_id = train_tiny()
     client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+    client.set_tag(run_id, WEIGHTS_TAG, "trained-other-weights")
+    run_evaluation(load_params())
+    digest = weights_digest(WEIGHTS)
+    said = capsys.readouterr().out
+    assert "no MLflow run in sqlite:///" in said
+    assert f"trained models/vae.safetensors (sha256 {digest[:16]}...); logging to new run" in said
     experiment = client.get_experiment_by_name(load_params().mlflow.experiment)
     tagged = client.search_runs(
-        [experiment.experiment_id], "tags.trained_in_run = '0123456789abcdef0123456789abcdef'"
+        [experiment.experiment_id], f"tags.evaluated_{WEIGHTS_TAG} = '{digest}'"
     )
     assert len(tagged) == 1 and "test/log_px_iwae" in tagged[0].data.metrics
+    assert "test/log_px_iwae" not in client.get_run(run_id).data.metrics
 
 
 def test_dynamic_binarisation_evaluates_on_one_fixed_binary_test_set(

@@ -16,8 +16,9 @@ import torch
 import yaml
 
 from helpers.repo import store
+from helpers.workdir import trained_run_id
 from pipeline.config import load_params
-from pipeline.paths import CHECKPOINT, RUN_INFO, TRAIN_METRICS, WEIGHTS
+from pipeline.paths import CHECKPOINT, TRAIN_METRICS, WEIGHTS
 from pipeline.stages import evaluate as evaluate_stage
 from pipeline.stages import train as train_stage
 from pipeline.tracking import runs
@@ -29,7 +30,6 @@ def test_a_stage_given_old_outputs_prints_one_line(
     # The train stage of an older version wrote models/vae.pt; evaluate must say what to do.
     WEIGHTS.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"state_dict": {}, "hidden_dim": 32, "latent_dim": 4}, WEIGHTS.with_suffix(".pt"))
-    (WEIGHTS.parent / "mlflow_run.json").write_text('{"run_id": "x", "experiment_id": "0"}')
     with pytest.raises(SystemExit) as exited:
         evaluate_stage.main()
     assert exited.value.code == 1
@@ -76,7 +76,7 @@ def test_a_signal_during_training_keeps_the_finished_epochs_and_marks_the_run_ki
     monkeypatch.setattr(runs, "log_epoch", log_epoch)
     train_stage.train(load_params())
     assert "resuming after epoch 2" in capsys.readouterr().out
-    assert json.loads(RUN_INFO.read_text())["run_id"] == run_id
+    assert trained_run_id() == run_id
     client = store(workdir)
     assert client.get_run(run_id).info.status == "FINISHED"
     assert [m.step for m in client.get_metric_history(run_id, "train/loss")] == [1, 2, 3, 4]
@@ -138,7 +138,7 @@ def test_a_full_disk_stops_training_in_one_line_and_the_next_run_resumes(
     monkeypatch.setattr(runs, "log_epoch", log_epoch)
     train_stage.train(load_params())
     assert "resuming after epoch 2" in capsys.readouterr().out
-    assert json.loads(RUN_INFO.read_text())["run_id"] == run_id
+    assert trained_run_id() == run_id
     steps = [m.step for m in store(small_disk).get_metric_history(run_id, "train/loss")]
     assert steps == [1, 2, 3, 4]
 
@@ -223,7 +223,7 @@ def test_an_interrupted_evaluation_says_so_in_one_line(
         130,
         ["error: interrupted by SIGINT; no output was half-written: run it again"],
     )
-    run_id = json.loads(RUN_INFO.read_text())["run_id"]
+    run_id = trained_run_id()
     assert store(workdir).get_run(run_id).info.status == "FINISHED"  # training did finish
 
 
@@ -253,7 +253,7 @@ def test_a_real_signal_stops_the_train_process_and_the_next_run_resumes(
     assert resumed.returncode == 0, resumed.stderr
     assert f"resuming after epoch {kept}" in resumed.stdout
     assert store(workdir).get_run(run_id).info.status == "FINISHED"
-    assert json.loads(RUN_INFO.read_text())["run_id"] == run_id
+    assert trained_run_id() == run_id
 
 
 OUT_OF_MEMORY_DRIVER = """
@@ -271,7 +271,7 @@ evaluate.main()
 def test_running_out_of_memory_in_a_real_process_is_one_line(workdir: Path, set_params) -> None:
     set_params(workdir, model={"hidden_dim": 4096}, train={"epochs": 1})
     train_stage.train(load_params())
-    before = (workdir / "models" / "mlflow_run.json").read_bytes()
+    before = (workdir / WEIGHTS).read_bytes()
     # k = 10,000 draws: each chunk of 32,768 rows needs 0.5 GB of hidden units at width 4096
     set_params(workdir, model={"hidden_dim": 4096}, train={"epochs": 1},
                evaluate={"iwae_samples": 10_000})  # fmt: skip
@@ -282,7 +282,7 @@ def test_running_out_of_memory_in_a_real_process_is_one_line(workdir: Path, set_
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
     assert len(lines) == 1 and lines[0].startswith("error: out of memory (")
     assert "lower the sizes in params.yaml (model.hidden_dim, model.hidden_layers" in lines[0]
-    assert (workdir / "models" / "mlflow_run.json").read_bytes() == before
+    assert (workdir / WEIGHTS).read_bytes() == before
     assert not (workdir / "metrics" / "evaluate.json").exists()
 
 

@@ -20,6 +20,7 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from helpers.repo import grid_steps, store
+from helpers.workdir import trained_run_id
 from pipeline import runtime
 from pipeline.config import load_params
 from pipeline.data import splits
@@ -29,7 +30,6 @@ from pipeline.data.weights import load_vae
 from pipeline.errors import PipelineError, TrackingError
 from pipeline.paths import (
     CHECKPOINT,
-    RUN_INFO,
     TRAIN_HISTORY,
     TRAIN_METRICS,
     TRAIN_SPLIT,
@@ -87,7 +87,7 @@ def test_a_run_logs_every_epoch_the_grids_and_a_model_that_loads_back(
     monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.1")
     monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLES_BEFORE_LOGGING", "1")
     final = run_train()
-    run_id = json.loads(RUN_INFO.read_text())["run_id"]
+    run_id = trained_run_id()
     run = client().get_run(run_id)
     for key in METRICS:
         assert [m.step for m in client().get_metric_history(run_id, key)] == [1, 2, 3], key
@@ -189,7 +189,7 @@ def test_a_run_skips_the_pictures_of_unpictured_epochs(
     monkeypatch.setattr(runs, "FIRST_PICTURED", 1)
     monkeypatch.setattr(runs, "PICTURED_EPOCHS", 2)  # every 3rd epoch of 5
     run_train()
-    run_id = json.loads(RUN_INFO.read_text())["run_id"]
+    run_id = trained_run_id()
     assert grid_steps(client(), run_id) == [0, 1, 3, 5]
     assert grid_steps(client(), run_id, "reconstructions") == [0, 1, 3, 5]
     steps = [m.step for m in client().get_metric_history(run_id, "train/loss")]
@@ -219,7 +219,7 @@ def test_resume_after_a_crash_ends_where_an_uninterrupted_run_ends(
     resumed = run_train()
     assert resumed == uninterrupted
     assert WEIGHTS.read_bytes() == uninterrupted_weights  # the same weights, byte for byte
-    assert json.loads(RUN_INFO.read_text())["run_id"] == crashed_run
+    assert trained_run_id() == crashed_run
     steps = [m.step for m in client().get_metric_history(crashed_run, "train/loss")]
     assert steps == [1, 2, 3]  # epoch 2 logged on resume, and only once
     tags = client().get_run(crashed_run).data.tags
@@ -239,7 +239,7 @@ def test_a_stale_checkpoint_of_other_params_is_not_resumed(
     set_params(workdir, train={"lr": 0.002})
     resumed = run_train()
     assert "ignoring checkpoint" in capsys.readouterr().err
-    assert json.loads(RUN_INFO.read_text())["run_id"] != crashed_run  # a new run, not resumed
+    assert trained_run_id() != crashed_run  # a new run, not resumed
     CHECKPOINT.unlink(missing_ok=True)
     assert run_train() == resumed  # same as a run that never saw the stale checkpoint
 
@@ -314,7 +314,7 @@ def test_burdas_protocol_trains_its_network_on_the_first_images_with_its_schedul
     run_train()
     grey, _ = load_split(TRAIN_SPLIT)
     assert all(torch.equal(images, grey[:200]) for images in trained_on)  # 256 - 56 held out
-    run_id = json.loads(RUN_INFO.read_text())["run_id"]
+    run_id = trained_run_id()
     rates = [m.value for m in client().get_metric_history(run_id, "train/lr")]
     assert rates == pytest.approx([1e-3, 7.2e-4, 7.2e-4, 7.2e-4, 5.2e-4])  # stages 0, 1, 2
     model = load_vae(WEIGHTS)
@@ -406,7 +406,7 @@ def test_kill_9_mid_run_then_resume_matches_an_uninterrupted_run(
     assert resumed.returncode == 0
     assert f"resuming after epoch {killed_at}" in output
     assert TRAIN_METRICS.read_text() == (reference / TRAIN_METRICS).read_text()
-    run_id = json.loads(RUN_INFO.read_text())["run_id"]
+    run_id = trained_run_id()
     steps = [m.step for m in client().get_metric_history(run_id, "test/loss")]
     assert steps == list(range(1, 13))
     # A step's grid may be logged twice: by the killed process and again on resume.
@@ -428,7 +428,7 @@ def test_a_checkpoint_whose_mlflow_run_is_gone_resumes_in_a_new_run(
     shutil.copy(mlflow_template, workdir / "mlflow.db")  # the store was replaced meanwhile
     assert run_train() == fresh
     assert f"its run {crashed_run} is not in this store" in capsys.readouterr().out
-    run = client().get_run(json.loads(RUN_INFO.read_text())["run_id"])
+    run = client().get_run(trained_run_id())
     assert run.data.tags["continues_run"] == crashed_run
     steps = [m.step for m in client().get_metric_history(run.info.run_id, "train/loss")]
     assert steps == [1, 2, 3]  # epoch 1 from the checkpoint, then the two it trained
@@ -443,13 +443,13 @@ def test_a_finished_run_extended_to_more_epochs_ends_where_a_run_that_long_ends(
     CHECKPOINT.unlink()
     set_params(workdir, train={"epochs": 2})
     run_train()
-    short_run = json.loads(RUN_INFO.read_text())["run_id"]
+    short_run = trained_run_id()
     set_params(workdir, train={"epochs": 4})
     assert run_train() == longer
     assert WEIGHTS.read_bytes() == longer_weights
     message = "continuing checkpoints/train.pt (epoch 2 of a 2-epoch run) to 4 epochs"
     assert message in capsys.readouterr().out
-    run = client().get_run(json.loads(RUN_INFO.read_text())["run_id"])
+    run = client().get_run(trained_run_id())
     assert run.info.run_id != short_run and run.data.tags["continues_run"] == short_run
     assert run.data.params["train.epochs"] == "4"
     steps = [m.step for m in client().get_metric_history(run.info.run_id, "train/loss")]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import json
 import os
 import shutil
 import subprocess
@@ -19,12 +18,12 @@ from mlflow.exceptions import MlflowException
 from PIL import Image
 
 from helpers.repo import environment
-from helpers.workdir import make_workdir, write_params
+from helpers.workdir import make_workdir, trained_run_id, write_params
 from pipeline import __main__ as cli
 from pipeline.config import load_params
 from pipeline.data.splits import load_split
 from pipeline.data.weights import load_vae, save_vae
-from pipeline.paths import RUN_INFO, TEST_SPLIT, WEIGHTS
+from pipeline.paths import TEST_SPLIT, WEIGHTS
 from pipeline.stages import train as train_stage
 from pipeline.stages.evaluate import run_evaluation
 from pipeline.vae.model import VAE, loss_terms
@@ -164,7 +163,7 @@ def test_the_registry_describes_the_methods(served) -> None:
     _, workdir = served
     client = mlflow.MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
     version = client.get_model_version_by_alias("mnist-vae", "champion")
-    run_id = json.loads((workdir / RUN_INFO).read_text())["run_id"]
+    run_id = trained_run_id(workdir)
     for text in (client.get_registered_model("mnist-vae").description, version.description):
         assert all(method in text for method in ("decode", "encode", "reconstruct", "score"))
     assert version.description.startswith(f"Trained in run {run_id}; test_loss ")
