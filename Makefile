@@ -4,7 +4,10 @@ PYTHON ?= python3
 VENV := .venv
 INSTALLED := $(VENV)/.installed
 UV_VERSION := 0.13.9
-UV := .tools/uv-$(UV_VERSION)/bin/uv
+UV_BOOTSTRAPPED := .tools/uv-$(UV_VERSION)/bin/uv
+# UV=uv uses a uv already on PATH (CI's setup-uv, with its cache) instead of bootstrapping one.
+UV ?= $(UV_BOOTSTRAPPED)
+UV_NEEDED := $(filter $(UV_BOOTSTRAPPED),$(UV))
 # uv finds Python, never downloads one; its cache (~/.cache/uv) makes a second clone's install fast.
 export UV_PYTHON_DOWNLOADS := never
 # Stage commands in dvc.yaml call `python`: make it the virtual environment's.
@@ -14,20 +17,20 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
 venv: $(INSTALLED)
 
-$(UV):
+$(UV_BOOTSTRAPPED):
 	$(PYTHON) -m pip install --quiet --disable-pip-version-check --target $(dir $(@D)) uv==$(UV_VERSION)
 
 # --locked: refuses, naming uv.lock, when pyproject.toml and the lock disagree (run `$(UV) lock`).
-$(INSTALLED): pyproject.toml uv.lock | $(UV)
+$(INSTALLED): pyproject.toml uv.lock | $(UV_NEEDED)
 	$(UV) sync --locked --extra dev --python $(PYTHON) --quiet
 	touch $@
 
-lock-check: $(UV)
+lock-check: $(UV_NEEDED)
 	$(UV) lock --check
 
 # Newer releases of every dependency within pyproject.toml's ranges, then the whole pipeline again;
 # says whether the committed results still reproduce (git diff of dvc.lock, metrics and plots).
-upgrade: $(UV)
+upgrade: $(UV_NEEDED)
 	$(UV) lock --upgrade
 	$(UV) sync --locked --extra dev --python $(PYTHON) --quiet && touch $(INSTALLED)
 	dvc repro
