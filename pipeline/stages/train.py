@@ -24,13 +24,13 @@ def train(params: Params) -> None:
     runtime.flush_denormals()  # first: torch's worker threads copy it when they start
     cfg, shape, data = params.train, params.model, params.data
     device = runtime.pick_device(cfg.device)
-    fast = training.use_fast_step(cfg.step, device)
     experiment_id = store.connect(params.mlflow.experiment)  # fails fast, before any training
     torch.manual_seed(cfg.seed)
     train_x = training_images(paths.TRAIN_SPLIT, data.holdout, device)
     binarize = data.binarize == "dynamic"
     test_x, _ = load_test_set(paths.TEST_SPLIT, binarize, data.binarize_seed, device)
     model, optimizer = training.vae_and_optimizer(shape, cfg, train_x)
+    fast = training.use_fast_step(cfg.step, model, optimizer, train_x)
     key = fingerprint(params, paths.TRAIN_SPLIT)
     history, run_id, previous_run = resume_or_start(
         paths.CHECKPOINT, key, cfg.epochs, model, optimizer, store.has_run

@@ -67,7 +67,6 @@ class Objective:
         self.params, self.parent = params, parent
         self.experiment_id, self.wanted = experiment_id, wanted
         self.device = runtime.pick_device(params.train.device)
-        self.fast = training.use_fast_step(params.train.step, self.device)
         images, _ = load_split(TRAIN_SPLIT, self.device)
         cut = len(images) - params.sweep.holdout_images
         if cut < 1:
@@ -114,11 +113,12 @@ class Objective:
         cfg = replace(self.params.train, lr=chosen["train.lr"])
         torch.manual_seed(cfg.seed + trial.number)
         model, optimizer = training.vae_and_optimizer(shape, cfg, self.train_x)
+        fast = training.use_fast_step(cfg.step, model, optimizer, self.train_x)
         epochs = training.fit(
             model, optimizer, self.train_x, self.held_out, first_epoch=1,
             epochs=self.params.sweep.epochs, batch_size=chosen["train.batch_size"],
             binarize=self.binarize, stop=stop,
-            fast=self.fast,
+            fast=fast,
         )  # fmt: skip
         for row in epochs:  # fit's "test" terms are the held-out images' here
             metrics = {"train/loss": row.train_loss, "heldout/loss": row.test_loss}

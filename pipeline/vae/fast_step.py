@@ -21,8 +21,10 @@ from __future__ import annotations
 from itertools import accumulate
 
 import torch
+from torch import nn
 
-from pipeline.vae.model import VAE
+from pipeline.vae.model import ACTIVATIONS as MODULES_OF
+from pipeline.vae.model import VAE, loss_terms
 from pipeline.vae.step_memory import Buffers, Linear, flat_order, flatten
 
 
@@ -37,6 +39,60 @@ ACTIVATIONS = {
     "tanh": (torch.tanh_, torch.ops.aten.tanh_backward.grad_input),
     "relu": (torch.relu_, relu_backward),
 }
+
+
+PROBE_IMAGES = 16  # the batch `uncovered` runs through both steps
+
+
+def uncovered(model: VAE, optimizer: torch.optim.Optimizer, images: torch.Tensor) -> str | None:
+    """What of `model` and its loss this step does not compute as model.py and autograd do, in a
+    few words; None when it covers them.
+
+    First the structure: every parameter in the flat buffer, and only Linear layers and the
+    activation the step writes out. Then one probe batch through both steps with the same noise:
+    equal loss terms and gradients up to float rounding, so that a change to model.py's forward
+    or loss (a weighted KL, another term) is caught too. The model, the optimizer and the random
+    number generator are left as they were.
+    """
+    if model.activation not in ACTIVATIONS:
+        return f"the activation {model.activation!r}"
+    allowed = (VAE, nn.Sequential, nn.Linear, MODULES_OF[model.activation])
+    for name, module in model.named_modules():
+        if not isinstance(module, allowed):
+            return f"the layer {name} ({type(module).__name__}) of the model"
+    order = {id(p) for p in flat_order(model)}
+    for name, p in model.named_parameters():
+        if id(p) not in order:
+            return f"the parameter {name} of the model"
+    try:
+        return differs_from_autograd(model, optimizer, images[:PROBE_IMAGES])
+    except (ValueError, RuntimeError) as exc:  # shapes the flat layout cannot take
+        return f"this model ({str(exc).splitlines()[0]})"
+
+
+def differs_from_autograd(
+    model: VAE, optimizer: torch.optim.Optimizer, x: torch.Tensor
+) -> str | None:
+    model.train()
+    noise = torch.get_rng_state()
+    step = FastStep(model, optimizer)
+    b = step.batch(x, torch.arange(len(x), device=x.device), binarize=False)
+    terms = torch.zeros(2, device=x.device)
+    step.forward(b, b.x, terms)
+    step.backward(b, b.x)
+    torch.set_rng_state(noise)  # the same eps for model.py's loss
+    recon, kl = loss_terms(model, x)
+    reference = torch.stack([recon.sum(), kl.sum()])
+    grads = torch.autograd.grad(reference.sum(), step.order)
+    torch.set_rng_state(noise)  # training then draws what it would have drawn
+    if not torch.allclose(terms, reference.detach(), rtol=1e-4):
+        return f"model.py's loss (terms {reference.tolist()} against the step's {terms.tolist()})"
+    names = {id(p): name for name, p in model.named_parameters()}
+    for p, ours, theirs in zip(step.order, step.views_of(step.grads), grads, strict=True):
+        scale = theirs.abs().max()
+        if not torch.allclose(ours, theirs, atol=1e-5 * scale, rtol=1e-4):
+            return f"model.py's gradient on {names[id(p)]}"
+    return None
 
 
 class FastStep:

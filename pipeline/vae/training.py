@@ -17,6 +17,7 @@ from tqdm import tqdm
 from pipeline.config import ModelConfig, TrainConfig
 from pipeline.errors import ConfigError, NonFiniteLoss
 from pipeline.runtime import StopRequest
+from pipeline.vae import fast_step
 from pipeline.vae.fast_step import FastStep
 from pipeline.vae.history import Epoch
 from pipeline.vae.model import VAE, init_output_bias, loss_terms
@@ -103,14 +104,32 @@ def autograd_step(
     terms.copy_(batch_terms.detach())
 
 
-def use_fast_step(step: str, device: torch.device) -> bool:
-    """train.step: `auto` is the hand-written step (fast_step.py) on the CPU, autograd elsewhere."""
-    if step == "fast" and device.type != "cpu":
+def use_fast_step(
+    step: str, model: VAE, optimizer: torch.optim.Optimizer, images: torch.Tensor
+) -> bool:
+    """train.step: `autograd` is model.py through autograd, the reference. `auto` takes the
+    hand-written step (fast_step.py) on the CPU when it proves, on a probe batch of `images`,
+    that it computes what autograd computes for this model and loss; otherwise autograd, and
+    says why. `fast` insists: a model it does not cover, or a GPU, is a one-line error."""
+    if step == "autograd":
+        return False
+    if images.device.type != "cpu":
+        if step == "fast":
+            raise ConfigError(
+                f"train.step: fast runs on the CPU only, and the device is {images.device.type};"
+                " set train.step to auto or autograd"
+            )
+        return False
+    missing = fast_step.uncovered(model, optimizer, images)
+    if missing is None:
+        return True
+    if step == "fast":
         raise ConfigError(
-            f"train.step: fast runs on the CPU only, and the device is {device.type}; "
-            "set train.step to auto or autograd"
+            f"train.step = fast: the hand-written step (vae/fast_step.py) does not cover {missing};"
+            " set train.step to autograd, which trains model.py as it is"
         )
-    return step == "fast" or (step == "auto" and device.type == "cpu")
+    print(f"train.step auto: autograd, since the hand-written step does not cover {missing}")
+    return False
 
 
 def train_epoch(

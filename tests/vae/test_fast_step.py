@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from pipeline.errors import ConfigError
+from pipeline.vae import fast_step
 from pipeline.vae.fast_step import FastStep
 from pipeline.vae.model import VAE, loss_terms
 from pipeline.vae.training import autograd_step, make_optimizer, train_epoch, use_fast_step
@@ -115,11 +116,80 @@ def test_an_epoch_on_either_path_returns_the_same_terms() -> None:
 
 
 def test_auto_takes_the_fast_step_on_the_cpu_and_fast_is_refused_elsewhere() -> None:
-    cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert use_fast_step("auto", cpu) and use_fast_step("fast", cpu)
-    assert not use_fast_step("autograd", cpu) and not use_fast_step("auto", cuda)
+    model = VAE(32, 4)
+    optimizer = make_optimizer(model, 1e-3)
+    cpu, elsewhere = pixels(64), torch.empty(64, 784, device="meta")  # meta: no GPU needed
+    assert use_fast_step("auto", model, optimizer, cpu)
+    assert use_fast_step("fast", model, optimizer, cpu)
+    assert not use_fast_step("autograd", model, optimizer, cpu)
+    assert not use_fast_step("auto", model, optimizer, elsewhere)
     with pytest.raises(ConfigError, match=r"^train.step: fast runs on the CPU only.*autograd$"):
-        use_fast_step("fast", cuda)
+        use_fast_step("fast", model, optimizer, elsewhere)
+
+
+def test_checking_the_fast_step_changes_no_weight_and_draws_no_noise() -> None:
+    model = VAE(32, 4)
+    optimizer = make_optimizer(model, 1e-3)
+    before = copy.deepcopy(model.state_dict())
+    torch.manual_seed(5)
+    assert use_fast_step("auto", model, optimizer, pixels(64))
+    after_check = torch.rand(3)
+    torch.manual_seed(5)
+    assert torch.equal(after_check, torch.rand(3)) and not optimizer.state
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, before[name]), name
+
+
+def with_layer(layer: torch.nn.Module) -> VAE:
+    """The lab's model with `layer` after the encoder's first Dense: what a user might add."""
+    torch.manual_seed(0)
+    model = VAE(32, 4)
+    model.encoder = torch.nn.Sequential(model.encoder[0], layer, model.encoder[1])
+    return model
+
+
+@pytest.mark.parametrize(
+    ("layer", "named"),
+    [
+        (torch.nn.LayerNorm(32), "encoder.1 (LayerNorm)"),
+        (torch.nn.Dropout(0.2), "encoder.1 (Dropout)"),
+    ],
+)
+def test_a_layer_added_to_the_model_is_trained_by_autograd_or_refused_in_one_line(
+    layer: torch.nn.Module, named: str, capsys: pytest.CaptureFixture
+) -> None:
+    model = with_layer(layer)
+    optimizer = make_optimizer(model, 1e-2)
+    images = pixels(64)
+    with pytest.raises(ConfigError) as refused:
+        use_fast_step("fast", model, optimizer, images)
+    assert str(refused.value) == (
+        f"train.step = fast: the hand-written step (vae/fast_step.py) does not cover the layer "
+        f"{named} of the model; set train.step to autograd, which trains model.py as it is"
+    )
+    fast = use_fast_step("auto", model, optimizer, images)
+    assert (
+        not fast
+        and f"autograd, since the hand-written step does not cover the layer {named}"
+        in (capsys.readouterr().out)
+    )
+    before = copy.deepcopy(model.state_dict())
+    train_epoch(model, optimizer, images, 32, False, 1, 1, fast=fast)
+    if isinstance(layer, torch.nn.LayerNorm):  # the added layer's own weights were trained
+        assert not torch.equal(model.encoder[1].weight, before["encoder.1.weight"])
+    assert not torch.equal(model.encoder[0].weight, before["encoder.0.weight"])
+
+
+def test_a_change_to_the_loss_is_caught_by_the_probe_batch(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A weighted KL in model.py's loss_terms: same layers, other gradients
+    def weighted(model, x, generator=None):
+        recon, kl = loss_terms(model, x, generator)
+        return recon, 2 * kl
+
+    monkeypatch.setattr(fast_step, "loss_terms", weighted)
+    model = VAE(32, 4)
+    with pytest.raises(ConfigError, match=r"does not cover model.py's loss \(terms"):
+        use_fast_step("fast", model, make_optimizer(model, 1e-3), pixels(64))
 
 
 def test_other_optimizer_settings_are_refused() -> None:
