@@ -37,7 +37,7 @@ from pipeline.paths import (
 )
 from pipeline.stages import train as train_stage
 from pipeline.tracking import runs
-from pipeline.vae import training
+from pipeline.vae import fast_step, training
 from pipeline.vae.fast_step import FastStep
 
 
@@ -251,13 +251,23 @@ def spy_on_training_batches(
     autograd path: the per-image recon; on the fast path: the batch's [recon, KL] sums)."""
     calls = iter(range(1, 10**6))
     if step == "fast":
-        forward = FastStep.forward
+        forward, check = FastStep.forward, fast_step.differs_from_autograd
+        checking = []  # the probe batch that proves the step covers the model is not training
 
         def spy(self, buffers, x, terms):
             forward(self, buffers, x, terms)
-            change(next(calls), x, terms)
+            if not checking:
+                change(next(calls), x, terms)
+
+        def checked(*args):
+            checking.append(True)
+            try:
+                return check(*args)
+            finally:
+                checking.clear()
 
         monkeypatch.setattr(FastStep, "forward", spy)
+        monkeypatch.setattr(fast_step, "differs_from_autograd", checked)
         return
     loss_terms = training.loss_terms
 
