@@ -78,8 +78,9 @@ def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mlflow_template: Pa
 
 @pytest.fixture(scope="session")
 def reproduced(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
-    """A fresh copy of the repository after `dvc repro` on real MNIST, and what it printed."""
+    """A fresh copy of the repository after `make repro`'s `dvc repro --force-downstream` on real
+    MNIST, and what it printed."""
     repo = copy_working_tree(tmp_path_factory.mktemp("pipeline"))
-    result = dvc(repo, "repro")
+    result = dvc(repo, "repro", "--force-downstream")
     assert result.returncode == 0, result.stdout + result.stderr
     return repo, result.stdout

