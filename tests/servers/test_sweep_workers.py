@@ -46,12 +46,14 @@ def test_two_workers_share_a_study_and_a_killed_trial_is_failed_and_retried(
     write_params(work, sweep=SWEEP)
     first, second = worker(work, stack), worker(work, stack)
     study = None
+    # one storage, so one connection pool: a new one every poll ran PostgreSQL out of connections
+    storage = optuna.storages.RDBStorage(stack.optuna_uri)
     deadline = time.monotonic() + 120
     victim = None
     while victim is None and time.monotonic() < deadline:  # the first's trial, under way
         time.sleep(0.2)
         try:
-            study = optuna.load_study(study_name="shared", storage=stack.optuna_uri)
+            study = optuna.load_study(study_name="shared", storage=storage)
         except KeyError:
             continue
         for trial in study.get_trials(states=(TrialState.RUNNING,)):
