@@ -117,11 +117,9 @@ class SweepConfig:
     pruner: Literal["median", "none"]
     pruner_startup: int = _check(at_least=0)  # finished trials before pruning starts
     heartbeat_seconds: int = _check(at_least=1, at_most=3600, why="an hour of silence")
-    lr_low: float = _check(above=0)
-    lr_high: float = _check(above=0)
-    hidden_dims: list[int] = _check(at_least=1, at_most=4096, why="as model.hidden_dim")
-    latent_dims: list[int] = _check(at_least=1, at_most=256, why="as model.latent_dim")
-    batch_sizes: list[int] = _check(at_least=1, at_most=TRAIN_IMAGES, why="the training set")
+    # What the study searches: `section.key` of model or train -> a list to choose from, or a
+    # range {low, high, log}; each value is checked as params.yaml's own (check_space).
+    space: dict[str, Any]
 
 
 @dataclass(frozen=True)
@@ -182,4 +180,55 @@ def load_params_with(overrides: dict[str, Any], what: str, path: Path = PARAMS_F
 
 def parse_params(raw: Any, source: str = "params.yaml") -> Params:
     """Check a mapping read from params.yaml against Params; ConfigError names the first bad key."""
-    return parse_sections(Params, raw, source)
+    params = parse_sections(Params, raw, source)
+    space = typed_space(params.sweep.space, raw, source)
+    return dataclasses.replace(params, sweep=dataclasses.replace(params.sweep, space=space))
+
+
+SEARCHABLE = ("model", "train")  # the sections a sweep may search; sweep.epochs sets the length
+
+
+def typed_space(space: dict[str, Any], raw: dict, source: str) -> dict[str, Any]:
+    """sweep.space with each value checked, and typed, as its param's own in params.yaml: a list
+    to choose from, or a range {low, high, log}."""
+    typed = {}
+    for key, choice in space.items():
+        at = f"{source}: sweep.space.{key}"
+        section, _, name = key.partition(".")
+        if section not in SEARCHABLE or name not in raw[section] or key == "train.epochs":
+            raise ConfigError(
+                f"{at} names no param the sweep can search; use a key of the "
+                f"{' or '.join(SEARCHABLE)} section, e.g. model.latent_dim"
+            )
+        if isinstance(choice, list) and choice:
+            typed[key] = [checked_as(key, value, raw, at) for value in choice]
+            continue
+        if not isinstance(choice, dict) or not {"low", "high"} <= set(choice) <= RANGE_KEYS:
+            raise ConfigError(f"{at} = {choice!r}: give a list of values or {RANGE}")
+        low, high = (checked_as(key, choice[end], raw, at) for end in ("low", "high"))
+        log = choice.get("log", False)
+        if not isinstance(low, int | float) or log not in (True, False) or low >= high:
+            raise ConfigError(f"{at} = {choice!r}: a range of a number is {RANGE}")
+        typed[key] = {"low": low, "high": high, "log": log}
+    return typed
+
+
+def checked_as(key: str, value: Any, raw: dict, at: str) -> Any:
+    """`value` checked and typed as params.yaml's `key` (section.name) would be."""
+    section, _, name = key.partition(".")
+    with_value = {**raw, section: {**raw[section], name: value}}
+    return getattr(getattr(parse_sections(Params, with_value, at), section), name)
+
+
+RANGE_KEYS, RANGE = {"low", "high", "log"}, "{low: L, high: H, log: true} with L < H"
+
+
+def with_values(params: Params, values: dict[str, Any]) -> Params:
+    """`params` with `section.key` values (a trial's choice from sweep.space) in place."""
+    sections: dict[str, dict[str, Any]] = {}
+    for key, value in values.items():
+        section, _, name = key.partition(".")
+        sections.setdefault(section, {})[name] = value
+    changed = {section: dataclasses.replace(getattr(params, section), **new)
+               for section, new in sections.items()}  # fmt: skip
+    return dataclasses.replace(params, **changed)

@@ -52,6 +52,12 @@ def _parse_section(cls: type, raw: Any, source: str, section: str) -> Any:
 
 
 def _parse_value(kind: Any, value: Any, key: str, limits: Any) -> Any:
+    if typing.get_origin(kind) is dict:  # a non-empty mapping; config.py checks its entries
+        if not isinstance(value, dict) or not value:
+            raise ConfigError(
+                f"{key} = {value!r} must be a mapping, e.g. {{model.latent_dim: [10, 20]}}"
+            )
+        return value
     if typing.get_origin(kind) is list:  # a non-empty list of values, each checked as one
         if not isinstance(value, list) or not value:
             raise ConfigError(f"{key} = {value!r} must be a list of values, e.g. [64, 128]")

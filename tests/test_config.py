@@ -107,3 +107,36 @@ def test_stage_exits_2_with_one_line_and_touches_no_output(tmp_path: Path) -> No
     assert result.stderr.strip() == "error: params.yaml: data.source = 42 must be a string"
     assert existing.read_bytes() == b"kept"
     assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["raw"]
+
+
+def test_the_sweep_space_is_typed_and_each_value_checked_as_its_own_param() -> None:
+    raw = default_raw()
+    raw["sweep"]["space"] = {"train.lr": {"low": "1e-4", "high": "3e-3"}, "train.adam_v0": ["1"]}
+    with pytest.raises(ConfigError, match=r"adam_v0 = '1' must be a number"):
+        parse_params(raw)  # a list value is checked as the param's own
+    raw["sweep"]["space"]["train.adam_v0"] = ["1e-1", 1]
+    space = parse_params(raw).sweep.space
+    assert space == {"train.lr": {"low": 1e-4, "high": 3e-3, "log": False},
+                     "train.adam_v0": [0.1, 1.0]}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("entry", "message"),
+    [
+        ({"model.hidden_dim": [400, 5000]}, r"sweep.space.model.hidden_dim: model.hidden_dim "
+                                            r"= 5000 is out of range; must be <= 4096"),
+        ({"model.width": [400]}, r"sweep.space.model.width names no param the sweep can search"),
+        ({"sweep.trials": [4]}, r"sweep.space.sweep.trials names no param the sweep can search"),
+        ({"train.epochs": [4]}, r"sweep.space.train.epochs names no param the sweep can search"),
+        ({"train.lr": {"low": 0.1, "high": 0.01}}, r"a range of a number is \{low: L, high: H"),
+        ({"train.lr": {"low": 0.1}}, r"give a list of values or \{low: L, high: H"),
+        ({"train.lr": []}, r"give a list of values or"),
+        ({"model.activation": {"low": "relu", "high": "tanh"}}, "a range of a number"),
+    ],
+)  # fmt: skip
+def test_a_bad_sweep_space_entry_is_one_line_naming_it(entry: dict, message: str) -> None:
+    raw = default_raw()
+    raw["sweep"]["space"] = entry
+    with pytest.raises(ConfigError, match=message) as refused:
+        parse_params(raw)
+    assert len(str(refused.value).splitlines()) == 1

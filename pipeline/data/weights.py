@@ -11,10 +11,8 @@ from pipeline.vae.model import VAE
 
 
 def save_vae(model: VAE, path: Path | str) -> None:
-    """The weights plus the sizes that rebuild the network, in safetensors."""
-    sizes = {"hidden_dim": model.hidden_dim, "latent_dim": model.latent_dim}
-    sizes |= {"hidden_layers": model.hidden_layers, "activation": model.activation}
-    write_tensors(path, model.state_dict(), sizes)
+    """The weights plus the arguments that rebuild the network (`model.shape`), in safetensors."""
+    write_tensors(path, model.state_dict(), model.shape)
 
 
 def load_vae(path: Path | str, device: str | torch.device = "cpu") -> VAE:

@@ -66,7 +66,7 @@ def train(params: Params) -> None:
 def write_outputs(model: VAE, history: list) -> None:
     save_vae(model, paths.WEIGHTS)
     final = asdict(history[-1])  # the training terms: the test set's numbers are evaluate's
-    terms = {key: final[key] for key in ("train_loss", "train_recon", "train_kl")}
+    terms = {key: final[key] for key in HISTORY_FIELDS if key.startswith("train_")}
     write_json(paths.TRAIN_METRICS, terms | {"epochs": final["epoch"]})
     write_csv(paths.TRAIN_HISTORY, [asdict(row) for row in history], HISTORY_FIELDS)
     runs.log_trained_model(paths.WEIGHTS, model.latent_dim)

@@ -92,13 +92,15 @@ def parent_run(study: optuna.Study, experiment_id: str, cfg: SweepConfig) -> str
 
 
 def space_of(cfg: SweepConfig) -> dict[str, str]:
-    return {
-        "lr": f"log-uniform {cfg.lr_low:g}..{cfg.lr_high:g}",
-        "hidden_dim": str(cfg.hidden_dims),
-        "latent_dim": str(cfg.latent_dims),
-        "batch_size": str(cfg.batch_sizes),
-        "epochs": str(cfg.epochs),
-    }
+    """The searched space as the parent run's params: `space.<key>`, and the trials' length."""
+    shown = {}
+    for key, choice in cfg.space.items():
+        if isinstance(choice, list):
+            shown[key] = str(choice)
+        else:
+            shape = "log-uniform" if choice["log"] else "uniform"
+            shown[key] = f"{shape} {choice['low']:g}..{choice['high']:g}"
+    return shown | {"epochs": str(cfg.epochs)}
 
 
 def summarise(study: optuna.Study, parent: str) -> str:

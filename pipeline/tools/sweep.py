@@ -15,7 +15,7 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import replace
+from functools import partial
 
 import mlflow
 import optuna
@@ -24,7 +24,7 @@ from mlflow.entities import RunStatus
 from optuna.trial import TrialState
 
 from pipeline import runtime
-from pipeline.config import Params, SweepConfig
+from pipeline.config import Params, with_values
 from pipeline.data.splits import binarize_once, load_split
 from pipeline.errors import ConfigError, Interrupted
 from pipeline.paths import TRAIN_SPLIT
@@ -41,13 +41,18 @@ from pipeline.tracking import store
 from pipeline.vae import training
 
 
-def suggest(trial: optuna.Trial, cfg: SweepConfig) -> dict:
-    return {
-        "train.lr": trial.suggest_float("train.lr", cfg.lr_low, cfg.lr_high, log=True),
-        "model.hidden_dim": trial.suggest_categorical("model.hidden_dim", cfg.hidden_dims),
-        "model.latent_dim": trial.suggest_categorical("model.latent_dim", cfg.latent_dims),
-        "train.batch_size": trial.suggest_categorical("train.batch_size", cfg.batch_sizes),
-    }
+def suggest(trial: optuna.Trial, space: dict) -> dict:
+    """One value for each param of `sweep.space`: a list is a choice, a range {low, high, log}
+    a float (an int when both ends are)."""
+    chosen = {}
+    for key, choice in space.items():
+        if isinstance(choice, list):
+            chosen[key] = trial.suggest_categorical(key, choice)
+        elif isinstance(choice["low"], int) and isinstance(choice["high"], int):
+            chosen[key] = trial.suggest_int(key, choice["low"], choice["high"], log=choice["log"])
+        else:
+            chosen[key] = trial.suggest_float(key, choice["low"], choice["high"], log=choice["log"])
+    return chosen
 
 
 class Surplus(Exception):
@@ -80,7 +85,7 @@ class Objective:
     def __call__(self, trial: optuna.Trial) -> float:
         if surplus(trial.study, trial, self.wanted):
             raise Surplus(f"trial {trial.number}: the study has {self.wanted} under way")
-        chosen = suggest(trial, self.params.sweep)
+        chosen = suggest(trial, self.params.sweep.space)
         with (
             runtime.stop_requests() as stop,
             mlflow.start_run(
@@ -105,19 +110,16 @@ class Objective:
 
     def train(self, trial: optuna.Trial, chosen: dict, stop: runtime.StopRequest) -> float:
         # What the sweep does not search is params.yaml's, as in the winner's retraining.
-        shape = replace(
-            self.params.model,
-            hidden_dim=chosen["model.hidden_dim"],
-            latent_dim=chosen["model.latent_dim"],
-        )
-        cfg = replace(self.params.train, lr=chosen["train.lr"])
+        trial_params = with_values(self.params, chosen)
+        cfg, shape = trial_params.train, trial_params.model
         torch.manual_seed(cfg.seed + trial.number)
         model, optimizer = training.vae_and_optimizer(shape, cfg, self.train_x)
         fast = training.use_fast_step(cfg.step, model, optimizer, self.train_x)
         epochs = training.fit(
             model, optimizer, self.train_x, self.held_out, first_epoch=1,
-            epochs=self.params.sweep.epochs, batch_size=chosen["train.batch_size"],
+            epochs=self.params.sweep.epochs, batch_size=cfg.batch_size,
             binarize=self.binarize, stop=stop,
+            lr_at=partial(training.learning_rate, cfg.schedule, cfg.lr),
             fast=fast,
         )  # fmt: skip
         for row in epochs:  # fit's "test" terms are the held-out images' here
@@ -149,10 +151,6 @@ def run(
     params: Params, study_name: str, trials: int, storage: str | None, best: bool, apply: bool
 ) -> None:
     cfg = params.sweep
-    if cfg.lr_low >= cfg.lr_high:
-        raise ConfigError(
-            f"sweep.lr_low = {cfg.lr_low} must be below sweep.lr_high = {cfg.lr_high}"
-        )
     study = open_study(study_name, storage_url(cfg, storage), cfg, create=not (best or apply))
     if best or apply:
         command = best_command(study)

@@ -29,6 +29,8 @@ from pipeline.tracking.provenance import (
 )
 from pipeline.tracking.pyfunc import log_vae_model
 from pipeline.tracking.store import connect, tracking_uri
+from pipeline.vae.evaluation import SCALAR_METRICS
+from pipeline.vae.history import MLFLOW_METRICS
 
 
 def logged_steps(run_id: str, key: str) -> set[int]:
@@ -99,21 +101,15 @@ def pictured(epoch: int, epochs: int) -> bool:
 def log_epoch(
     row: dict, draw_pictures: Callable[[], dict[str, np.ndarray]] | None, epochs: int
 ) -> None:
-    """One epoch's history row (`epoch`, `train_loss`, ..., `seconds`, `lr`) as metrics at step
-    = epoch, after its pictures when `draw_pictures` is given and the epoch is `pictured`.
+    """One epoch's history row (an `Epoch` as a dict) as its MLFLOW_METRICS at step = epoch,
+    after its pictures when `draw_pictures` is given and the epoch is `pictured`.
 
     The pictures come first: a step with metrics then always has them, even after kill -9,
     which is what resuming relies on.
     """
     if draw_pictures and pictured(row["epoch"], epochs):
         log_pictures(row["epoch"], draw_pictures())
-    metrics = {
-        f"{split}/{term}": row[f"{split}_{term}"]
-        for split in ("train", "test")
-        for term in ("loss", "recon", "kl")
-    }
-    metrics["train/epoch_seconds"] = row["seconds"]
-    metrics["train/lr"] = row["lr"]
+    metrics = {key: row[name] for name, key in MLFLOW_METRICS.items()}
     mlflow.log_metrics(metrics, step=row["epoch"])
 
 
@@ -208,12 +204,11 @@ def describe_results(metrics: dict) -> str:
 
 
 def log_evaluation(metrics: dict, step: int) -> None:
-    """Evaluate's part of the run: two test-set results at the last epoch's step, beside the
-    test curves (whose last step already holds the test loss and its terms), the breakdowns as
-    tables and the results in the description."""
-    reported = ("log_px_iwae", "log_px_iwae_se", "active_units")
-    results_now = {f"test/{key}": metrics[key] for key in reported}
-    mlflow.log_metrics(results_now, step=step)
+    """Evaluate's part of the run: every one of SCALAR_METRICS as `evaluate/<name>` at the last
+    epoch's step (beside training's `test/` curves, which score one noise draw per image), the
+    breakdowns as tables and the results in the description."""
+    logged = {f"evaluate/{key}": metrics[key] for key in SCALAR_METRICS}
+    mlflow.log_metrics(logged, step=step)
     units = range(len(metrics["kl_per_dim"]))
     with warnings.catch_warnings():  # pandas 3 deprecation raised inside MLflow's log_table
         warnings.simplefilter("ignore", FutureWarning)

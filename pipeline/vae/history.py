@@ -3,23 +3,34 @@
 from __future__ import annotations
 
 import statistics
-from dataclasses import dataclass, fields
+from collections.abc import Sequence
+from dataclasses import dataclass, field, fields
 from datetime import timedelta
+
+from pipeline.vae.model import LOSS_TERMS
+
+
+def metric(mlflow_key: str, in_csv: bool = True):
+    """A column of the history: its MLflow metric, and whether plots/train_history.csv has it.
+    Seconds differ on every run, so they go to MLflow and not into a file git tracks; so does the
+    learning rate, which params.yaml sets."""
+    return field(metadata={"mlflow": mlflow_key, "csv": in_csv})
 
 
 @dataclass
 class Epoch:
-    """One row of the training history: per-image means over the train and test sets."""
+    """One row of the training history: per-image means over the train and test sets. A field
+    added here is logged to MLflow and written to the CSV from this declaration."""
 
-    epoch: int
-    train_loss: float
-    train_recon: float
-    train_kl: float
-    test_loss: float
-    test_recon: float
-    test_kl: float
-    seconds: float
-    lr: float
+    epoch: int = field(metadata={"csv": True})  # MLflow's step
+    train_loss: float = metric("train/loss")
+    train_recon: float = metric("train/recon")
+    train_kl: float = metric("train/kl")
+    test_loss: float = metric("test/loss")
+    test_recon: float = metric("test/recon")
+    test_kl: float = metric("test/kl")
+    seconds: float = metric("train/epoch_seconds", in_csv=False)
+    lr: float = metric("train/lr", in_csv=False)
 
     def line(self, epochs: int) -> str:
         """The handout's line, then the terms it did not print."""
@@ -30,9 +41,22 @@ class Epoch:
         )
 
 
-# The columns of plots/train_history.csv: results only. Seconds differ on every run, so they go to
-# MLflow, not into a file that git tracks; so does the learning rate, which params.yaml sets.
-HISTORY_FIELDS = tuple(f.name for f in fields(Epoch) if f.name not in ("seconds", "lr"))
+HISTORY_FIELDS = tuple(f.name for f in fields(Epoch) if f.metadata["csv"])  # the CSV's columns
+MLFLOW_METRICS = {f.name: f.metadata["mlflow"] for f in fields(Epoch) if "mlflow" in f.metadata}
+
+
+def with_terms(
+    epoch: int, train: Sequence[float], test: Sequence[float], seconds: float, lr: float
+) -> Epoch:
+    """The row of `epoch` from each split's mean loss terms, in LOSS_TERMS order; the loss is
+    their sum, the negative ELBO."""
+    by_name = {}
+    for split, means in (("train", train), ("test", test)):
+        terms = dict(zip(LOSS_TERMS, means, strict=True))
+        by_name |= {f"{split}_{term}": value for term, value in terms.items()}
+        by_name[f"{split}_loss"] = sum(means)
+    return Epoch(epoch=epoch, seconds=seconds, lr=lr, **by_name)
+
 
 PACE_EPOCHS = 20  # the recent epochs whose pace the time left assumes
 

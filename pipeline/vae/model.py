@@ -28,6 +28,13 @@ class VAE(nn.Module):
         activation: str = "relu",
     ) -> None:
         super().__init__()
+        # What rebuilds this network: saved beside its weights, then VAE(**shape) (data/weights.py).
+        self.shape = {
+            "hidden_dim": hidden_dim,
+            "latent_dim": latent_dim,
+            "hidden_layers": hidden_layers,
+            "activation": activation,
+        }
         self.hidden_dim, self.latent_dim = hidden_dim, latent_dim
         self.hidden_layers, self.activation = hidden_layers, activation
 
@@ -79,6 +86,9 @@ def kl_divergence(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
 
 def kl_per_dimension(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     return -0.5 * (1 + logvar - mu.pow(2) - logvar.exp())
+
+
+LOSS_TERMS = ("recon", "kl")  # what loss_terms returns, in order; the loss is their sum
 
 
 def loss_terms(

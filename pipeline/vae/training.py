@@ -9,6 +9,7 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import asdict
 from functools import partial
 
 import torch
@@ -19,8 +20,8 @@ from pipeline.errors import ConfigError, NonFiniteLoss
 from pipeline.runtime import StopRequest
 from pipeline.vae import fast_step
 from pipeline.vae.fast_step import FastStep
-from pipeline.vae.history import Epoch
-from pipeline.vae.model import VAE, init_output_bias, loss_terms
+from pipeline.vae.history import Epoch, with_terms
+from pipeline.vae.model import LOSS_TERMS, VAE, init_output_bias, loss_terms
 
 
 def make_optimizer(
@@ -47,13 +48,23 @@ def make_optimizer(
     return optimizer
 
 
+# model.* params that set the initial weights rather than the network; every other one is an
+# argument of VAE, so a param added to params.yaml but not to model.py fails here, loudly.
+INITIALISATION_PARAMS = ("output_bias",)
+
+
+def build_vae(shape: ModelConfig) -> VAE:
+    """The untrained network that params.yaml's `model` section describes."""
+    args = {k: v for k, v in asdict(shape).items() if k not in INITIALISATION_PARAMS}
+    return VAE(**args)
+
+
 def vae_and_optimizer(
     shape: ModelConfig, cfg: TrainConfig, train_x: torch.Tensor
 ) -> tuple[VAE, torch.optim.Optimizer]:
     """The VAE `shape` describes, on `train_x`'s device (its output bias the logit of the mean
     training pixel when `shape.output_bias` asks), and Adam with `cfg`'s settings."""
-    model = VAE(shape.hidden_dim, shape.latent_dim, shape.hidden_layers, shape.activation)
-    model = model.to(train_x.device)
+    model = build_vae(shape).to(train_x.device)
     if shape.output_bias == "data_mean":
         init_output_bias(model, train_x.mean(dim=0))
     betas = (cfg.adam_beta1, cfg.adam_beta2)
@@ -95,8 +106,7 @@ def autograd_step(
     x = images[index]
     if binarize:  # dynamic binarisation: a fresh Bernoulli(pixel) sample, drawn as U < pixel
         x = (torch.rand_like(x) < x).to(x.dtype)  # (torch.bernoulli: the same law, 4x the time)
-    recon, kl = loss_terms(model, x)
-    batch_terms = torch.stack([recon.sum(), kl.sum()])
+    batch_terms = torch.stack([term.sum() for term in loss_terms(model, x)])
     loss = batch_terms.sum()  # summed over the batch, as the lab (and the PyTorch example) does
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -142,15 +152,15 @@ def train_epoch(
     epochs: int,
     stop: StopRequest | None = None,
     fast: bool = False,
-) -> tuple[float, float]:
-    """One pass over `images` in a random order; returns the mean recon and KL per image.
+) -> tuple[float, ...]:
+    """One pass over `images` in a random order; returns the mean of each of LOSS_TERMS per image.
 
     `fast` takes the hand-written step of fast_step.py instead of autograd's. `stop` is checked
     before each batch: an interrupted epoch is dropped whole.
     """
     model.train()
     batches = torch.randperm(len(images), device=images.device).split(batch_size)
-    sums = torch.zeros(len(batches), 2, device=images.device)  # per batch: recon, KL
+    sums = torch.zeros(len(batches), len(LOSS_TERMS), device=images.device)  # per batch
     step = FastStep(model, optimizer) if fast else partial(autograd_step, model, optimizer)
     progress = tqdm(
         batches, desc=f"epoch {epoch}/{epochs}", leave=False, disable=not sys.stderr.isatty()
@@ -170,23 +180,21 @@ def train_epoch(
             f"{len(batches)}; lower train.lr or check the data. The last good checkpoint and "
             "outputs are kept"
         )
-    recon_mean, kl_mean = (sums.sum(dim=0) / len(images)).tolist()
-    return recon_mean, kl_mean
+    return tuple((sums.sum(dim=0) / len(images)).tolist())
 
 
 @torch.no_grad()
 def evaluate_loss(
     model: VAE, images: torch.Tensor, batch_size: int = 1000, seed: int = 0
-) -> tuple[float, float]:
-    """Mean recon and KL per image, with its own seeded noise so training's RNG is untouched."""
+) -> tuple[float, ...]:
+    """The mean of each of LOSS_TERMS per image, with its own seeded noise so training's RNG is
+    untouched."""
     model.eval()
     generator = torch.Generator(images.device).manual_seed(seed)
-    sums = torch.zeros(2, device=images.device)
+    sums = torch.zeros(len(LOSS_TERMS), device=images.device)
     for x in images.split(batch_size):
-        recon, kl = loss_terms(model, x, generator)
-        sums += torch.stack([recon.sum(), kl.sum()])
-    recon_mean, kl_mean = (sums / len(images)).tolist()
-    return recon_mean, kl_mean
+        sums += torch.stack([term.sum() for term in loss_terms(model, x, generator)])
+    return tuple((sums / len(images)).tolist())
 
 
 def fit(
@@ -211,19 +219,10 @@ def fit(
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(epoch)
         start = time.perf_counter()
-        train_recon, train_kl = train_epoch(
+        train = train_epoch(
             model, optimizer, train_images, batch_size, binarize, epoch, epochs, stop, fast
         )
         seconds = time.perf_counter() - start
-        test_recon, test_kl = evaluate_loss(model, test_images)
-        yield Epoch(
-            epoch,
-            train_recon + train_kl,
-            train_recon,
-            train_kl,
-            test_recon + test_kl,
-            test_recon,
-            test_kl,
-            seconds,
-            optimizer.param_groups[0]["lr"],
-        )
+        test = evaluate_loss(model, test_images)
+        lr = optimizer.param_groups[0]["lr"]
+        yield with_terms(epoch, train, test, seconds, lr)

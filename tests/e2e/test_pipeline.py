@@ -151,7 +151,7 @@ def test_the_mlflow_store_holds_the_whole_run(reproduced: tuple[Path, str]) -> N
     assert figures == {f"figures/{name}.png" for name in FIGURE_NAMES}
     assert run.outputs.model_outputs  # the logged model
     evaluation = json.loads((repo / EVAL_METRICS).read_text())
-    assert run.data.metrics["test/log_px_iwae"] == pytest.approx(evaluation["log_px_iwae"])
+    assert run.data.metrics["evaluate/log_px_iwae"] == pytest.approx(evaluation["log_px_iwae"])
     assert run.data.params["model.hidden_dim"] == "400"
 
 

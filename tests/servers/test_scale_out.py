@@ -80,7 +80,7 @@ def test_an_experiment_is_one_mlflow_run_tagged_with_its_name(baseline: Path) ->
     assert 0 < exp["metrics"]["metrics/evaluate.json"]["active_units"] <= 2
     runs = runs_of(baseline, name)
     assert len(runs) == 1 and runs[0].data.params["model.latent_dim"] == "2"
-    assert runs[0].info.status == "FINISHED" and "test/log_px_iwae" in runs[0].data.metrics
+    assert runs[0].info.status == "FINISHED" and "evaluate/log_px_iwae" in runs[0].data.metrics
 
 
 def test_two_queued_experiments_run_in_parallel_into_one_store(baseline: Path) -> None:

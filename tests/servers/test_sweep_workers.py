@@ -26,9 +26,12 @@ SWEEP = {
     "holdout_images": 64,
     "pruner": "none",
     "heartbeat_seconds": 1,
-    "hidden_dims": [16, 32],
-    "latent_dims": [4],
-    "batch_sizes": [32],
+    "space": {
+        "train.lr": {"low": 1e-4, "high": 3e-3, "log": True},
+        "model.hidden_dim": [16, 32],
+        "model.latent_dim": [4],
+        "train.batch_size": [32],
+    },
 }
 
 

@@ -67,7 +67,7 @@ def test_runs_grids_and_the_model_go_to_postgres_and_s3_through_the_server(
         "figures/generated.png",
         "figures/manifold.png",
     }
-    assert "test/log_px_iwae" in client.get_run(run_id).data.metrics
+    assert "evaluate/log_px_iwae" in client.get_run(run_id).data.metrics
     assert not (team_repo / "mlruns").exists() and not (team_repo / "mlflow.db").exists()
 
     # The run and the registry are rows in PostgreSQL, the artifacts objects in the bucket.

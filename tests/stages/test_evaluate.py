@@ -13,9 +13,7 @@ from pipeline.config import load_params
 from pipeline.paths import EVAL_BREAKDOWN, EVAL_METRICS, WEIGHTS
 from pipeline.stages.evaluate import run_evaluation
 from pipeline.tracking.runs import WEIGHTS_TAG, weights_digest
-from pipeline.vae.evaluation import (
-    elbo_terms,
-)
+from pipeline.vae.evaluation import SCALAR_METRICS, elbo_terms
 
 
 def generator(seed: int) -> torch.Generator:
@@ -45,7 +43,8 @@ def test_evaluate_logs_to_the_run_that_trained_the_model(workdir: Path) -> None:
     assert 0 <= metrics["active_units"] <= 4
     client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
     run = client.get_run(run_id)
-    assert run.data.metrics["test/log_px_iwae"] == pytest.approx(metrics["log_px_iwae"])
+    assert run.data.metrics["evaluate/log_px_iwae"] == pytest.approx(metrics["log_px_iwae"])
+    assert {f"evaluate/{key}" for key in SCALAR_METRICS} <= set(run.data.metrics)  # all of them
     results = sorted(key for key in run.data.metrics if not key.startswith("system/"))
     assert len(results) <= 20 and not any("per_dim" in key or "class" in key for key in results)
     units = json.loads(Path(client.download_artifacts(run_id, "evaluation/latent_units.json"))
@@ -73,8 +72,8 @@ def test_evaluate_falls_back_to_a_new_tagged_run(workdir: Path, capsys) -> None:
     tagged = client.search_runs(
         [experiment.experiment_id], f"tags.evaluated_{WEIGHTS_TAG} = '{digest}'"
     )
-    assert len(tagged) == 1 and "test/log_px_iwae" in tagged[0].data.metrics
-    assert "test/log_px_iwae" not in client.get_run(run_id).data.metrics
+    assert len(tagged) == 1 and "evaluate/log_px_iwae" in tagged[0].data.metrics
+    assert "evaluate/log_px_iwae" not in client.get_run(run_id).data.metrics
 
 
 def test_dynamic_binarisation_evaluates_on_one_fixed_binary_test_set(

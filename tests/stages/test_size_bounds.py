@@ -46,7 +46,7 @@ def test_every_size_bound_config_accepts_runs_through_every_stage(
     bounds = size_bounds(bound)
     assert {key for values in bounds.values() for key in values} >= {
         "hidden_dim", "latent_dim", "batch_size", "iwae_samples", "n_samples", "manifold_size",
-        "hidden_dims", "trials",
+        "trials",
     }  # fmt: skip
     set_params(workdir, **bounds)
     params = load_params()

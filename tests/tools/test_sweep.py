@@ -21,9 +21,12 @@ TINY = {
     "epochs": 1,
     "holdout_images": 64,
     "pruner_startup": 1,
-    "hidden_dims": [16, 32],
-    "latent_dims": [4],
-    "batch_sizes": [32],
+    "space": {
+        "train.lr": {"low": 1e-4, "high": 3e-3, "log": True},
+        "model.hidden_dim": [16, 32],
+        "model.latent_dim": [4],
+        "train.batch_size": [32],
+    },
 }
 
 
@@ -78,7 +81,7 @@ def test_three_trials_are_child_runs_of_one_parent_and_one_is_pruned(
     assert children[1].data.tags["pruned_at_epoch"] == "1"
     assert children[0].data.params["train.lr"] == "0.003"
     assert children[0].data.metrics["heldout/loss"] == pytest.approx(trials[0].value)
-    assert parent.data.params["space.hidden_dim"] == "[16, 32]"
+    assert parent.data.params["space.model.hidden_dim"] == "[16, 32]"
     assert parent.info.status == "FINISHED"
 
     parent = client.get_run(parent.info.run_id)  # the summary came after the search above

@@ -24,3 +24,16 @@ def test_the_line_is_the_handouts_then_the_other_terms_and_the_csv_keeps_results
     # seconds differ on every run and params.yaml sets the rate: neither goes into git's CSV
     assert "seconds" not in HISTORY_FIELDS and "lr" not in HISTORY_FIELDS
     assert HISTORY_FIELDS[:2] == ("epoch", "train_loss") and len(HISTORY_FIELDS) == 7
+
+
+def test_a_row_is_built_by_name_from_the_loss_terms_and_declares_its_mlflow_keys() -> None:
+    from pipeline.vae.history import MLFLOW_METRICS, with_terms
+    from pipeline.vae.model import LOSS_TERMS
+
+    row = with_terms(3, (80.0, 25.5), (79.0, 26.0), 1.5, 1e-3)
+    assert (row.epoch, row.train_loss, row.test_loss, row.test_kl) == (3, 105.5, 105.0, 26.0)
+    # every loss term has a column per split and an MLflow key; the epoch is the step, no metric
+    for split in ("train", "test"):
+        for term in (*LOSS_TERMS, "loss"):
+            assert MLFLOW_METRICS[f"{split}_{term}"] == f"{split}/{term}"
+    assert "epoch" not in MLFLOW_METRICS and MLFLOW_METRICS["seconds"] == "train/epoch_seconds"

@@ -199,3 +199,33 @@ def test_adam_can_start_its_second_moment_at_one_as_burdas_code() -> None:
     v_hat = (b2 + (1 - b2) * 0.25) / (1 - b2)
     assert steps[1.0] == pytest.approx(torch.full((2,), lr * m_hat / (v_hat**0.5 + eps)), rel=1e-4)
     assert steps[0.0] == pytest.approx(torch.full((2,), lr * 0.5 / (0.5 + eps)), rel=1e-4)
+
+
+def test_every_model_param_builds_the_network_and_is_saved_with_it(tmp_path) -> None:
+    from dataclasses import asdict, replace
+
+    from pipeline.config import load_params
+    from pipeline.data.weights import load_vae, save_vae
+
+    shape = replace(load_params().model, hidden_dim=12, latent_dim=3, hidden_layers=2)
+    model = training.build_vae(replace(shape, activation="tanh"))
+    # One place per model param: each is an argument of VAE (or sets the initial weights), and
+    # the weights file keeps every argument, so the loaded network is the one trained.
+    wanted = {k: v for k, v in asdict(shape).items() if k not in training.INITIALISATION_PARAMS}
+    assert model.shape == wanted | {"activation": "tanh"}
+    save_vae(model, tmp_path / "vae.safetensors")
+    assert load_vae(tmp_path / "vae.safetensors").shape == model.shape
+
+
+def test_a_model_param_that_vae_does_not_take_fails_loudly() -> None:
+    from dataclasses import dataclass
+
+    from pipeline.config import load_params
+
+    @dataclass(frozen=True)
+    class WithNewParam(type(load_params().model)):  # params.yaml grew a key model.py lacks
+        dropout: float = 0.1
+
+    shape = WithNewParam(**{**vars(load_params().model)})
+    with pytest.raises(TypeError, match="dropout"):
+        training.build_vae(shape)
