@@ -111,8 +111,8 @@ def test_stage_exits_2_with_one_line_and_touches_no_output(tmp_path: Path) -> No
 
 def test_the_sweep_space_is_typed_and_each_value_checked_as_its_own_param() -> None:
     raw = default_raw()
-    raw["sweep"]["space"] = {"train.lr": {"low": "1e-4", "high": "3e-3"}, "train.adam_v0": ["1"]}
-    with pytest.raises(ConfigError, match=r"adam_v0 = '1' must be a number"):
+    raw["sweep"]["space"] = {"train.lr": {"low": "1e-4", "high": "3e-3"}, "train.adam_v0": ["one"]}
+    with pytest.raises(ConfigError, match=r"adam_v0 = 'one' must be a number"):
         parse_params(raw)  # a list value is checked as the param's own
     raw["sweep"]["space"]["train.adam_v0"] = ["1e-1", 1]
     space = parse_params(raw).sweep.space

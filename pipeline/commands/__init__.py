@@ -9,8 +9,9 @@ from pathlib import Path
 
 from pipeline.errors import PipelineError, reports_errors
 
-# Each command imports what it uses when it runs, so that `mnist-vae --help` answers at once
-# instead of after loading torch, torchvision and MLflow.
+# Each command imports what it uses when it runs, so that `mnist-vae --help` and a usage error
+# answer at once instead of after loading torch, torchvision and MLflow. Every command that runs
+# loads torch first (`runtime.start` settles oneMKL before anything computes).
 
 
 def promote(args: argparse.Namespace) -> None:

@@ -1,16 +1,18 @@
-"""The package's import graph by layer, from the code itself: `python -m pipeline.tools.layers`
-prints it as Markdown with a Mermaid diagram (docs/layers.md is its output), and `check` lists
-every import that goes up a layer instead of down (tests/test_layers.py expects none)."""
+"""The package's import graph by layer, drawn from the code: `python -m pipeline.tools.layers`
+prints it as Markdown with a Mermaid diagram (docs/layers.md is its output). The layers are
+import-linter's contract in pyproject.toml, which `lint-imports` enforces; grimp, its graph
+library, reads the imports."""
 
 from __future__ import annotations
 
-import ast
 from collections import Counter
-from pathlib import Path
+from functools import partial
 
-PACKAGE = Path(__file__).resolve().parents[1]
+import tomllib
 
-# Lowest first. A module may import its own layer and the layers listed before it, never after.
+from pipeline.paths import REPO_ROOT
+
+# What each layer of the contract holds, lowest first (the contract lists them highest first).
 LAYERS = {
     "foundation": "config, errors, exact, paths, runtime: params.yaml, one-line errors, set-up",
     "vae": "the science: the handout's model, the training loop, evaluation, pictures; torch",
@@ -20,68 +22,54 @@ LAYERS = {
     "tools": "beside the pipeline: sweeps, the local team stack, the benchmark, this graph",
     "commands": "mnist-vae: what people run",
 }
-TOP_LEVEL = {"__main__": "commands", "serving": "tracking"}  # other pipeline/*.py: foundation
 
 
-def module_name(path: Path) -> str:
-    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
-    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+def contract_layers() -> list[list[str]]:
+    """The modules of each layer of pyproject.toml's layers contract, lowest first."""
+    config = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["tool"]["importlinter"]
+    (layers,) = [c["layers"] for c in config["contracts"] if c["type"] == "layers"]
+    return [[m.strip() for m in layer.replace("|", ":").split(":")] for layer in layers[::-1]]
 
 
-def layer_of(module: str) -> str:
-    parts = module.split(".")
-    if len(parts) == 1:
-        return "foundation"
-    if parts[1] in LAYERS:
-        return parts[1]
-    return TOP_LEVEL.get(parts[1], "foundation")
+def layer_of(module: str, layers: list[list[str]] | None = None) -> str:
+    """The name (a key of LAYERS) of the contract's layer that holds `module`."""
+    for name, modules in zip(LAYERS, layers or contract_layers(), strict=True):
+        if any(module == m or module.startswith(f"{m}.") for m in modules):
+            return name
+    raise KeyError(f"{module} is in no layer of pyproject.toml's import-linter contract")
 
 
 def imports() -> dict[str, set[str]]:
-    """Each module of the package and the package modules it imports."""
-    graph = {}
-    for path in sorted(PACKAGE.rglob("*.py")):
-        name, found = module_name(path), set()
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.Import):
-                found |= {alias.name for alias in node.names}
-            elif isinstance(node, ast.ImportFrom) and node.module:
-                found.add(node.module)
-                found |= {f"{node.module}.{alias.name}" for alias in node.names}
-        modules = {module_name(p) for p in PACKAGE.rglob("*.py")}
-        graph[name] = {m for m in found if m in modules and m != name and m != "pipeline"}
-    return graph
+    """Each module of the package and the package modules it imports (not the package itself)."""
+    import grimp  # a dev tool's import: grimp comes with import-linter
 
-
-def upward(graph: dict[str, set[str]]) -> list[str]:
-    """Every import that goes from a layer to a later one, as `importer -> imported`."""
-    order = list(LAYERS)
-    return [
-        f"{module} -> {target}"
-        for module, targets in graph.items()
-        for target in sorted(targets)
-        if order.index(layer_of(target)) > order.index(layer_of(module))
-    ]
+    graph = grimp.build_graph("pipeline")
+    return {
+        module: graph.find_modules_directly_imported_by(module) - {"pipeline"}
+        for module in sorted(graph.modules - {"pipeline"})
+    }
 
 
 def markdown(graph: dict[str, set[str]]) -> str:
+    layer = partial(layer_of, layers=contract_layers())
     arrows = Counter(
-        (layer_of(module), layer_of(target))
+        (layer(module), layer(target))
         for module, targets in graph.items()
         for target in targets
-        if layer_of(module) != layer_of(target)
+        if layer(module) != layer(target)
     )
     lines = [
         "# The package's layers and imports",
         "",
-        "Written by `python -m pipeline.tools.layers` from the code; `tests/test_layers.py` fails "
-        "when an import goes up a layer or when this page is out of date. An arrow reads "
+        "Written by `python -m pipeline.tools.layers` from the code; the layers are the "
+        "import-linter contract in `pyproject.toml`, and `tests/test_layers.py` fails when an "
+        "import goes up a layer (`lint-imports`) or when this page is out of date. An arrow reads "
         '"imports", its number counts the imports between two layers.',
         "",
         "```mermaid",
         "flowchart TD",
     ]
-    folders = {layer_of(module) for module in graph if module.count(".") > 1}
+    folders = {layer(module) for module in graph if module.count(".") > 1}
     lines += [
         f'    {name}["{name}{"/" if name in folders else ""}: {what}"]'
         for name, what in LAYERS.items()
@@ -90,7 +78,7 @@ def markdown(graph: dict[str, set[str]]) -> str:
     lines += ["```", "", "| module | layer | imports from the package |", "| --- | --- | --- |"]
     for module, targets in graph.items():
         listed = ", ".join(f"`{t}`" for t in sorted(targets)) or "none"
-        lines.append(f"| `{module}` | {layer_of(module)} | {listed} |")
+        lines.append(f"| `{module}` | {layer(module)} | {listed} |")
     return "\n".join(lines) + "\n"
 
 

