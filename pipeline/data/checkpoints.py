@@ -19,7 +19,7 @@ import json
 import os
 import sys
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 from typing import NamedTuple
 
@@ -129,7 +129,15 @@ def resume_or_start(
     if done >= epochs:
         print(f"not resuming {path}: it holds {done} epochs and train.epochs is {epochs}")
         return Resumed([], None)
-    model.load_state_dict(state["model"])
+    columns = {f.name for f in fields(Epoch)}
+    if any(set(row) != columns for row in state["history"]):
+        print(f"ignoring checkpoint {path}: its history has other columns than Epoch's now")
+        return Resumed([], None)
+    saved, now = state["model"], model.state_dict()  # same params, but model.py may have changed
+    if saved.keys() != now.keys() or any(saved[k].shape != now[k].shape for k in now):
+        print(f"ignoring checkpoint {path}: its weights are another network's than model.py's")
+        return Resumed([], None)
+    model.load_state_dict(saved)
     optimizer.load_state_dict(state["optimizer"])
     set_rng_state(state["rng"])
     history = [Epoch(**row) for row in state["history"]]

@@ -46,16 +46,21 @@ MLFLOW_METRICS = {f.name: f.metadata["mlflow"] for f in fields(Epoch) if "mlflow
 
 
 def with_terms(
-    epoch: int, train: Sequence[float], test: Sequence[float], seconds: float, lr: float
+    epoch: int,
+    train: Sequence[float],
+    test: Sequence[float],
+    seconds: float,
+    lr: float,
+    **others: float,
 ) -> Epoch:
-    """The row of `epoch` from each split's mean loss terms, in LOSS_TERMS order; the loss is
-    their sum, the negative ELBO."""
+    """The row of `epoch` from each split's mean loss terms, in LOSS_TERMS order (the loss is
+    their sum, the negative ELBO), and `others`: Epoch's other fields, by name."""
     by_name = {}
     for split, means in (("train", train), ("test", test)):
         terms = dict(zip(LOSS_TERMS, means, strict=True))
         by_name |= {f"{split}_{term}": value for term, value in terms.items()}
         by_name[f"{split}_loss"] = sum(means)
-    return Epoch(epoch=epoch, seconds=seconds, lr=lr, **by_name)
+    return Epoch(epoch=epoch, seconds=seconds, lr=lr, **by_name, **others)
 
 
 PACE_EPOCHS = 20  # the recent epochs whose pace the time left assumes

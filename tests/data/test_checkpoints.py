@@ -20,3 +20,29 @@ def test_an_interrupted_run_names_the_epochs_it_keeps_and_how_to_go_on() -> None
         "same command again to resume"
     )
     assert kept(rows(3), path, "r1").startswith("epochs 1-3 are kept in checkpoints/train.pt ")
+
+
+def test_a_checkpoint_from_another_model_py_or_history_starts_over_untouched(
+    tmp_path: Path, capsys
+) -> None:
+    import torch
+
+    from pipeline.data.checkpoints import resume_or_start, save_checkpoint
+    from pipeline.vae.model import VAE
+    from pipeline.vae.training import make_optimizer
+
+    path = tmp_path / "train.pt"
+    old = VAE(8, 2)
+    save_checkpoint(path, "key", old, make_optimizer(old, 1e-3), rows(2), "r1", 5)
+    model = VAE(8, 3)  # model.py changed under the same params: another network
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    resumed = resume_or_start(path, "key", 5, model, make_optimizer(model, 1e-3), lambda r: True)
+    assert resumed.history == [] and resumed.run_id is None
+    assert "its weights are another network's than model.py's" in capsys.readouterr().out
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # untouched
+
+    state = torch.load(path, weights_only=True)
+    state["history"] = [row | {"test_bits": 1.0} for row in state["history"]]  # a new column
+    torch.save(state, path)
+    resumed = resume_or_start(path, "key", 5, old, make_optimizer(old, 1e-3), lambda r: True)
+    assert resumed.history == [] and "other columns than Epoch's" in capsys.readouterr().out

@@ -194,5 +194,19 @@ def test_a_change_to_the_loss_is_caught_by_the_probe_batch(monkeypatch: pytest.M
 
 def test_other_optimizer_settings_are_refused() -> None:
     model = VAE(8, 2)
-    with pytest.raises(ValueError, match="plain Adam"):
+    with pytest.raises(ValueError, match="without weight decay"):
         FastStep(model, torch.optim.Adam(model.parameters(), weight_decay=0.1))
+    decaying = torch.optim.Adam(model.parameters(), weight_decay=0.1, fused=True)
+    with pytest.raises(ConfigError, match=r"does not cover this model and optimizer \(it runs"):
+        use_fast_step("fast", model, decaying, pixels(64))
+
+
+def test_a_third_loss_term_is_caught_by_the_probe_batch(monkeypatch: pytest.MonkeyPatch) -> None:
+    def with_penalty(model, x, generator=None):
+        recon, kl = loss_terms(model, x, generator)
+        return recon, kl, 0.0 * kl  # the step computes two terms: told, not trained without it
+
+    monkeypatch.setattr(fast_step, "loss_terms", with_penalty)
+    model = VAE(32, 4)
+    with pytest.raises(ConfigError, match=r"does not cover model.py's loss"):
+        use_fast_step("fast", model, make_optimizer(model, 1e-3), pixels(64))
