@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import os
 import signal
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from pipeline import runtime
 from pipeline.errors import PipelineError
@@ -18,7 +20,7 @@ from pipeline.errors import PipelineError
 PACKAGE = Path(__file__).resolve().parent.parent / "pipeline"
 
 
-STAGES = ("download", "preprocess", "train", "evaluate", "sample")
+STAGES = tuple(yaml.safe_load((PACKAGE.parent / "dvc.yaml").read_text())["stages"])
 
 
 LIBRARY_MODULES = sorted(
@@ -65,7 +67,20 @@ class Started(Exception):
     pass
 
 
-COMMANDS = ("promote", "generate", "report", "paper", "explore", "sweep", "stack", "bench")
+def subcommands() -> list[str]:
+    """Every `mnist-vae` command, with the arguments it requires (a placeholder each)."""
+    from pipeline import commands
+
+    (chooser,) = [
+        a for a in commands.parser()._actions if isinstance(a, argparse._SubParsersAction)
+    ]
+    return [
+        " ".join([name] + [f"{a.option_strings[0]} x" for a in sub._actions if a.required])
+        for name, sub in chooser.choices.items()
+    ]
+
+
+COMMANDS = subcommands()
 
 
 @pytest.mark.parametrize(
@@ -76,7 +91,7 @@ def test_every_entry_point_starts_the_runtime_first(
 ) -> None:
     # In an empty folder (no params.yaml, no data) anything done before the start would fail.
     monkeypatch.chdir(tmp_path)
-    entry, *command = entry.split()
+    entry, *command = entry.split()  # "commands score --input x": the command and its argv
     monkeypatch.setattr(sys, "argv", ["mnist-vae", *command])
     monkeypatch.setattr(runtime, "start", lambda: (_ for _ in ()).throw(Started))
     with pytest.raises(Started):
