@@ -10,6 +10,9 @@ UV ?= $(UV_BOOTSTRAPPED)
 UV_NEEDED := $(filter $(UV_BOOTSTRAPPED),$(UV))
 # uv finds Python, never downloads one; its cache (~/.cache/uv) makes a second clone's install fast.
 export UV_PYTHON_DOWNLOADS := never
+# Byte-compile at install: where PYTHONDONTWRITEBYTECODE is set (as in CI's image) every process
+# would otherwise compile torch's and MLflow's sources again (`import torch, mlflow` 13.6 s -> 5.3 s).
+export UV_COMPILE_BYTECODE := 1
 # Stage commands in dvc.yaml call `python`: make it the virtual environment's.
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 

@@ -189,7 +189,7 @@ def run(repeats: int = 5) -> None:
     paper, steps_a_round = paper_steps(PAPER_ROUNDS * repeats)
     stage_wall, stage_epochs = time_train_stage()
     stage_epoch, outside = min(stage_epochs), stage_wall - sum(stage_epochs)
-    start_up = min(time_start_up() for _ in range(3))
+    start_up = min(time_start_up() for _ in range(min(3, repeats)))
     exact = time_exact_mode(repeats)
     print(
         f"one epoch, hidden {hidden}, latent {latent}, batch {batch_size}, "

@@ -74,8 +74,9 @@ def test_every_size_bound_config_accepts_runs_through_every_stage(
 @contextmanager
 def few_test_images(n: int | None):
     """The test split cut to its first `n` images while evaluate runs: at the largest bounds the
-    size of the network and of k (10,000 samples an image, in chunks) is the point, and each image
-    costs about 6 s; the sample stage's figures then get the whole split back."""
+    size of the network and of k (10,000 samples an image, in chunks) is the point, not the
+    images (all 64 made this test take 470 s on the 2-core AMD machine, 2026-12-04); the sample
+    stage's figures then get the whole split back."""
     if n is None:
         yield
         return
