@@ -226,5 +226,5 @@ def run(repeats: int = 5) -> None:
     print(
         f"  outside its epochs: {outside:.1f} s (target <= {TARGET_OUTSIDE_S:.0f} s) "
         f"{verdict(outside <= TARGET_OUTSIDE_S)}; of which {start_up:.1f} s start Python and "
-        "import torch, MLflow and torch._dynamo (best of 3, a fresh interpreter each)"
+        "import torch, MLflow and torch._dynamo (best of up to 3, a fresh interpreter each)"
     )
