@@ -149,10 +149,16 @@ def log_trained_model(weights: Path, latent_dim: int) -> None:
     mlflow.set_tag(WEIGHTS_TAG, weights_digest(weights))
 
 
-def training_run_of(weights: Path, experiment_ids: list[str], client: MlflowClient | None = None):
-    """The latest run in `experiment_ids` that trained these exact weights (by `WEIGHTS_TAG`), or
-    None. Identical weights from two runs (exact mode makes that the rule) are one model."""
-    found = (client or MlflowClient()).search_runs(
+def training_run_of(
+    weights: Path, experiment_ids: list[str] | None = None, client: MlflowClient | None = None
+):
+    """The latest run that trained these exact weights (by `WEIGHTS_TAG`) in `experiment_ids`
+    (every experiment of the store when None), or None. Identical weights from two runs (exact
+    mode makes that the rule) are one model."""
+    client = client or MlflowClient()
+    if experiment_ids is None:
+        experiment_ids = [e.experiment_id for e in client.search_experiments()]
+    found = client.search_runs(
         experiment_ids,
         f"tags.{WEIGHTS_TAG} = '{weights_digest(weights)}'",
         order_by=["attributes.start_time DESC"],

@@ -101,7 +101,6 @@ def trained_run_id(repo: Path = Path("."), tracking_uri: str | None = None) -> s
     from pipeline.tracking.runs import training_run_of
 
     client = MlflowClient(tracking_uri or f"sqlite:///{(repo / 'mlflow.db').resolve()}")
-    experiments = [e.experiment_id for e in client.search_experiments()]
-    run = training_run_of(repo / WEIGHTS, experiments, client)
+    run = training_run_of(repo / WEIGHTS, client=client)
     assert run is not None, f"no run in {client.tracking_uri} trained {repo / WEIGHTS}"
     return run.info.run_id
