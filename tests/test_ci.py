@@ -3,8 +3,8 @@
 
 from __future__ import annotations
 
-import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import yaml
@@ -15,7 +15,9 @@ WORKFLOW = REPO_ROOT / ".github" / "workflows" / "ci.yml"
 
 
 def check_workflow(path: Path) -> subprocess.CompletedProcess:
-    command = [shutil.which("check-jsonschema") or "check-jsonschema"]
+    command = [
+        str(Path(sys.executable).with_name("check-jsonschema"))
+    ]  # the venv's, as lint-imports
     command += ["--builtin-schema", "vendor.github-workflows", str(path)]
     return subprocess.run(command, capture_output=True, text=True)
 
