@@ -1,5 +1,7 @@
 """Servers as child processes: started in a session of their own, waited for, stopped with
-everything they started; ports checked and chosen on 127.0.0.1."""
+everything they started; ports checked and chosen on 127.0.0.1. Not a process library
+(mirakuru, psutil): none stops a server when the process that started it dies by kill -9, which
+the watchdog here does, and start, wait and stop take fewer lines than adapting one would."""
 
 from __future__ import annotations
 
