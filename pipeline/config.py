@@ -118,7 +118,7 @@ class SweepConfig:
     pruner_startup: int = _check(at_least=0)  # finished trials before pruning starts
     heartbeat_seconds: int = _check(at_least=1, at_most=3600, why="an hour of silence")
     # What the study searches: `section.key` of model or train -> a list to choose from, or a
-    # range {low, high, log}; each value is checked as params.yaml's own (check_space).
+    # range {low, high, log}; each value is checked as params.yaml's own (typed_space).
     space: dict[str, Any]
 
 
@@ -207,8 +207,10 @@ def typed_space(space: dict[str, Any], raw: dict, source: str) -> dict[str, Any]
             raise ConfigError(f"{at} = {choice!r}: give a list of values or {RANGE}")
         low, high = (checked_as(key, choice[end], raw, at) for end in ("low", "high"))
         log = choice.get("log", False)
-        if not isinstance(low, int | float) or log not in (True, False) or low >= high:
+        if not isinstance(low, int | float) or not isinstance(log, bool) or low >= high:
             raise ConfigError(f"{at} = {choice!r}: a range of a number is {RANGE}")
+        if log and low <= 0:
+            raise ConfigError(f"{at} = {choice!r}: a log range needs low > 0")
         typed[key] = {"low": low, "high": high, "log": log}
     return typed
 

@@ -140,3 +140,13 @@ def test_a_bad_sweep_space_entry_is_one_line_naming_it(entry: dict, message: str
     with pytest.raises(ConfigError, match=message) as refused:
         parse_params(raw)
     assert len(str(refused.value).splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    "choice", [{"low": 0, "high": 0.9, "log": True}, {"low": 0.1, "high": 0.9, "log": 1}]
+)
+def test_a_log_range_needs_a_positive_low_end_and_log_a_boolean(choice: dict) -> None:
+    raw = default_raw()
+    raw["sweep"]["space"] = {"train.adam_beta1": choice}
+    with pytest.raises(ConfigError, match=r"sweep.space.train.adam_beta1 = .*(low > 0|a range)"):
+        parse_params(raw)

@@ -131,11 +131,19 @@ def resume_or_start(
         return Resumed([], None)
     columns = {f.name for f in fields(Epoch)}
     if any(set(row) != columns for row in state["history"]):
-        print(f"ignoring checkpoint {path}: its history has other columns than Epoch's now")
+        print(
+            f"ignoring checkpoint {path}: its history has other columns than Epoch's now",
+            file=sys.stderr,
+        )
         return Resumed([], None)
-    saved, now = state["model"], model.state_dict()  # same params, but model.py may have changed
+    # Same params, but model.py may have changed its weights (a change that keeps every weight's
+    # name and shape, such as another loss, is not seen here and resumes).
+    saved, now = state["model"], model.state_dict()
     if saved.keys() != now.keys() or any(saved[k].shape != now[k].shape for k in now):
-        print(f"ignoring checkpoint {path}: its weights are another network's than model.py's")
+        print(
+            f"ignoring checkpoint {path}: its weights are another network's than model.py's",
+            file=sys.stderr,
+        )
         return Resumed([], None)
     model.load_state_dict(saved)
     optimizer.load_state_dict(state["optimizer"])

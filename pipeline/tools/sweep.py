@@ -43,7 +43,7 @@ from pipeline.vae import training
 
 def suggest(trial: optuna.Trial, space: dict) -> dict:
     """One value for each param of `sweep.space`: a list is a choice, a range {low, high, log}
-    a float (an int when both ends are)."""
+    a float, or an int for an int param (typed_space has typed both ends as the param's)."""
     chosen = {}
     for key, choice in space.items():
         if isinstance(choice, list):

@@ -10,11 +10,12 @@ from datetime import timedelta
 from pipeline.vae.model import LOSS_TERMS
 
 
-def metric(mlflow_key: str, in_csv: bool = True):
-    """A column of the history: its MLflow metric, and whether plots/train_history.csv has it.
+def metric(mlflow_key: str, in_csv: bool = True, **default: float):
+    """A column of the history: its MLflow metric, and whether plots/train_history.csv has it
+    (`default=...` for a column added later, so that older rows still make an Epoch).
     Seconds differ on every run, so they go to MLflow and not into a file git tracks; so does the
     learning rate, which params.yaml sets."""
-    return field(metadata={"mlflow": mlflow_key, "csv": in_csv})
+    return field(metadata={"mlflow": mlflow_key, "csv": in_csv}, **default)
 
 
 @dataclass

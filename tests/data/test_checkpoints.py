@@ -38,11 +38,11 @@ def test_a_checkpoint_from_another_model_py_or_history_starts_over_untouched(
     before = {k: v.clone() for k, v in model.state_dict().items()}
     resumed = resume_or_start(path, "key", 5, model, make_optimizer(model, 1e-3), lambda r: True)
     assert resumed.history == [] and resumed.run_id is None
-    assert "its weights are another network's than model.py's" in capsys.readouterr().out
+    assert "its weights are another network's than model.py's" in capsys.readouterr().err
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # untouched
 
     state = torch.load(path, weights_only=True)
     state["history"] = [row | {"test_bits": 1.0} for row in state["history"]]  # a new column
     torch.save(state, path)
     resumed = resume_or_start(path, "key", 5, old, make_optimizer(old, 1e-3), lambda r: True)
-    assert resumed.history == [] and "other columns than Epoch's" in capsys.readouterr().out
+    assert resumed.history == [] and "other columns than Epoch's" in capsys.readouterr().err

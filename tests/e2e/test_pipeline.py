@@ -41,7 +41,6 @@ from pipeline.paths import (
 )
 from pipeline.tools.servers import free_port
 from pipeline.vae import training
-from pipeline.vae.model import VAE
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -101,7 +100,7 @@ def test_the_autograd_step_reproduces_the_lab_curve_too(reproduced: tuple[Path, 
     torch.manual_seed(cfg.seed)
     images, _ = splits.load_split(repo / TRAIN_SPLIT)
     test_images, _ = splits.load_split(repo / TEST_SPLIT)
-    model = VAE(shape.hidden_dim, shape.latent_dim, shape.hidden_layers, shape.activation)
+    model = training.build_vae(shape)
     betas = (cfg.adam_beta1, cfg.adam_beta2)
     optimizer = training.make_optimizer(model, cfg.lr, betas, cfg.adam_eps, cfg.adam_v0)
     rows = training.fit(
