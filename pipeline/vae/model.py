@@ -11,6 +11,8 @@ layers of 200, tanh); the defaults are the handout's one layer, relu.
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -28,13 +30,6 @@ class VAE(nn.Module):
         activation: str = "relu",
     ) -> None:
         super().__init__()
-        # What rebuilds this network: saved beside its weights, then VAE(**shape) (data/weights.py).
-        self.shape = {
-            "hidden_dim": hidden_dim,
-            "latent_dim": latent_dim,
-            "hidden_layers": hidden_layers,
-            "activation": activation,
-        }
         self.hidden_dim, self.latent_dim = hidden_dim, latent_dim
         self.hidden_layers, self.activation = hidden_layers, activation
 
@@ -49,6 +44,12 @@ class VAE(nn.Module):
         self.to_logvar = nn.Linear(hidden_dim, latent_dim)
         # The decoder ends in logits; the sigmoid is applied in the loss (stably) or in `decode`.
         self.decoder = nn.Sequential(*hidden(latent_dim), nn.Linear(hidden_dim, IMAGE_DIM))
+
+    @property
+    def shape(self) -> dict:
+        """The arguments that rebuild this network, each kept as an attribute of its name: saved
+        beside the weights, then VAE(**shape) (data/weights.py)."""
+        return {name: getattr(self, name) for name in inspect.signature(VAE).parameters}
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         h = self.encoder(x)
