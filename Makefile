@@ -16,7 +16,7 @@ export UV_COMPILE_BYTECODE := 1
 # Stage commands in dvc.yaml call `python`: make it the virtual environment's.
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: venv browser qemu repro test test-fast lint format bench mutants promote report stack paper sweep explore clean lock-check upgrade
+.PHONY: venv browser qemu repro test test-fast lint format bench mutants promote report stack paper sweep explore serve loadtest clean lock-check upgrade
 
 venv: $(INSTALLED)
 
@@ -107,6 +107,14 @@ sweep: $(INSTALLED)
 # The latent-space explorer on http://127.0.0.1:7860, for the registry's @champion.
 explore: $(INSTALLED)
 	mnist-vae explore
+
+# The champion over MLflow's /invocations on 127.0.0.1:5001 (limits: params.yaml's serve section).
+serve: $(INSTALLED)
+	mnist-vae serve
+
+# A bounded load test of `serve` (a fixed number of requests, then it stops): docs/serving.md.
+loadtest: $(INSTALLED)
+	mnist-vae loadtest
 
 # PostgreSQL, SeaweedFS (S3) and an MLflow server on 127.0.0.1, state in .stack/; Ctrl-C stops them.
 stack: $(INSTALLED)

@@ -36,6 +36,7 @@ def _check(
 # Upper bounds on sizes: every value below them runs through every stage (a test runs each
 # bound end to end); above them a run would not fit in memory or would make no sense for MNIST.
 TRAIN_IMAGES, TEST_IMAGES = 60_000, 10_000
+SCORE_SAMPLES = 10_000  # draws of z per image one score may ask for (the model's own bound)
 
 
 @dataclass(frozen=True)
@@ -123,6 +124,17 @@ class SweepConfig:
 
 
 @dataclass(frozen=True)
+class ServeConfig:
+    workers: int = _check(at_least=1, at_most=64, why="processes, each with the model loaded")
+    timeout_seconds: float = _check(at_least=0.1, at_most=600, why="a request, not a batch job")
+    max_body_bytes: int = _check(at_least=1024, at_most=1 << 30, why="read into memory")
+    max_rows: int = _check(at_least=1, at_most=10_000, why="a request, not the test set")
+    max_samples: int = _check(at_least=1, at_most=SCORE_SAMPLES, why="the model's own bound")
+    max_concurrency: int = _check(at_least=1, at_most=10_000, why="requests held in memory")
+    handler: Literal["direct", "mlflow"]  # who answers a checked request (docs/serving.md)
+
+
+@dataclass(frozen=True)
 class Params:
     data: DataConfig
     model: ModelConfig
@@ -132,6 +144,7 @@ class Params:
     mlflow: MlflowConfig
     registry: RegistryConfig
     sweep: SweepConfig
+    serve: ServeConfig
 
     def flat(self) -> dict[str, Any]:
         """`section.key -> value`, the form MLflow logs params in."""

@@ -10,10 +10,14 @@ from __future__ import annotations
 
 import errno
 import functools
+import os
+import re
 import signal
 import sys
 from collections.abc import Callable
 from typing import TypeVar
+
+from pipeline.paths import STACK_ROOT
 
 F = TypeVar("F", bound=Callable[..., object])
 
@@ -81,10 +85,39 @@ def first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
+_REFUSED = re.compile(r"endpoint (\S+) failed with error code (401|403)")
+
+
+def login_refusal(exc: BaseException) -> TrackingError | None:
+    """One line for a tracking server that refused the login (401) or the user's rights (403),
+    naming the server and the variables to set; None for anything else."""
+    found = _REFUSED.search(str(exc))
+    if found is None:
+        return None
+    endpoint, code = found.groups()
+    server = os.environ.get("MLFLOW_TRACKING_URI", "the MLflow server")
+    user = os.environ.get("MLFLOW_TRACKING_USERNAME")
+    if code == "401":
+        given = f"user {user!r} with this password" if user else "no login"
+        return TrackingError(
+            f"MLflow server {server} refused {given} (401 on {endpoint}); set "
+            "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (make stack writes them to "
+            f"{STACK_ROOT / 'writer.env'} and {STACK_ROOT / 'reader.env'}: source one)"
+        )
+    return TrackingError(
+        f"MLflow server {server} does not let user {user!r} do this (403 on {endpoint}); use a "
+        f"login with the right (the writer's: {STACK_ROOT / 'writer.env'}) or ask the server's "
+        "admin for it"
+    )
+
+
 def explain(exc: BaseException) -> PipelineError | None:
     """The one-line PipelineError for an expected failure, or None for a bug."""
     if isinstance(exc, PipelineError):
         return exc
+    refused = login_refusal(exc)
+    if refused is not None:
+        return refused
     if isinstance(exc, KeyboardInterrupt):
         return Interrupted(signal.SIGINT)
     text = str(exc)

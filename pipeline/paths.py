@@ -17,3 +17,4 @@ TRAIN_HISTORY = Path("plots/train_history.csv")
 EVAL_METRICS = Path("metrics/evaluate.json")  # headline numbers
 EVAL_BREAKDOWN = Path("reports/evaluate_breakdown.json")  # per latent unit and per class
 FIGURES = Path("figures")
+STACK_ROOT = Path(".stack")  # `make stack`'s data, keys and logs; each user's <role>.env

@@ -4,10 +4,14 @@ promote and use trained models, report on a run, the paper's protocol, the team 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import sys
+import typing
 from pathlib import Path
 
-from pipeline.errors import PipelineError, reports_errors
+from pipeline.config import ServeConfig
+from pipeline.errors import Interrupted, PipelineError, reports_errors
 
 # Each command imports what it uses when it runs, so that `mnist-vae --help` and a usage error
 # answer at once instead of after loading torch, torchvision and MLflow. Every command that runs
@@ -53,6 +57,36 @@ def score(args: argparse.Namespace) -> None:
     rows = scoring.score_images(model, names, images, args.batch_size, args.samples, args.seed)
     write_csv(Path(args.output), rows, list(rows[0]))
     print(f"scored {len(rows)} images from {args.input} with {args.model}: {args.output}")
+
+
+def serve(args: argparse.Namespace) -> None:
+    from pipeline.config import load_params_with
+    from pipeline.tools.serve import serve
+
+    flags = {field.name: getattr(args, field.name) for field in dataclasses.fields(ServeConfig)}
+    overrides = {f"serve.{key}": value for key, value in flags.items() if value is not None}
+    settings = load_params_with(overrides, "the flags").serve
+    url = f"http://127.0.0.1:{args.port}/invocations"
+
+    def ready() -> None:
+        print(f"serving {args.model} on {url} with {settings.workers} workers", flush=True)
+
+    # Ctrl-C or SIGTERM is how a server is stopped: uvicorn hands the signal on once its workers
+    # have stopped, and it ends here rather than as an error.
+    with contextlib.suppress(Interrupted, KeyboardInterrupt):
+        serve(args.model, args.port, settings, ready)
+    print("stopped", flush=True)
+
+
+def loadtest(args: argparse.Namespace) -> None:
+    from pipeline.config import load_params
+    from pipeline.tools.loadtest import run
+
+    if args.requests < 1:
+        raise PipelineError(f"--requests {args.requests}: ask for at least one")
+    serve = load_params().serve
+    workers, handler = args.workers or serve.workers, args.handler or serve.handler
+    print(run(args.model, workers, handler, args.requests))
 
 
 def print_report(args: argparse.Namespace) -> None:
@@ -170,6 +204,21 @@ def parser() -> argparse.ArgumentParser:
     w.add_argument("--best", action="store_true", help="print the dvc exp run of the best trial")
     w.add_argument("--apply", action="store_true", help="run it: retrain the best at full length")
     w.set_defaults(run=sweep)
+    v = commands.add_parser("serve", help="a registered model over MLflow's /invocations")
+    v.add_argument("--model", default="models:/mnist-vae@champion", help="an MLflow model URI")
+    v.add_argument("--port", type=int, default=5001, help="on 127.0.0.1 (only this machine)")
+    for field in dataclasses.fields(ServeConfig):  # a flag per key of params.yaml's serve section
+        choices = typing.get_args(typing.get_type_hints(ServeConfig)[field.name]) or None
+        kind = str if choices else typing.get_type_hints(ServeConfig)[field.name]
+        flag = "--" + field.name.replace("_", "-")
+        v.add_argument(flag, type=kind, choices=choices, help=f"default: serve.{field.name}")
+    v.set_defaults(run=serve)
+    o = commands.add_parser("loadtest", help="a bounded load test of `serve` on 127.0.0.1")
+    o.add_argument("--model", default="models:/mnist-vae@champion", help="an MLflow model URI")
+    o.add_argument("--workers", type=int, help="the server's (default: serve.workers)")
+    o.add_argument("--handler", choices=["direct", "mlflow"], help="default: serve.handler")
+    o.add_argument("--requests", type=int, default=200, help="per method, batch and clients")
+    o.set_defaults(run=loadtest)
     t = commands.add_parser("stack", help="PostgreSQL, S3 and MLflow on 127.0.0.1 until Ctrl-C")
     t.add_argument("--root", type=Path, default=Path(".stack"), help="its data, keys and logs")
     t.add_argument("--mlflow-port", type=int, default=5000)

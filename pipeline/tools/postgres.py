@@ -17,7 +17,11 @@ from pathlib import Path
 from pipeline.errors import StackError
 from pipeline.tools.servers import start, stop, wait_until
 
-DATABASES = ("mlflow", "optuna")  # MLflow's runs and registry; Optuna's studies (mnist-vae sweep)
+DATABASES = (
+    "mlflow",
+    "mlflow_auth",
+    "optuna",
+)  # runs and registry; MLflow's users; Optuna's studies
 SERVICE_USER = "nobody"  # initdb and postgres refuse to run as root
 
 
@@ -89,10 +93,31 @@ def digest(path: Path) -> str:
     return hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:12]
 
 
+def pgpass_file(root: Path, password: str) -> Path:
+    """`root`/pgpass (mode 0600), libpq's password file for the superuser on 127.0.0.1: clients
+    (psycopg, so SQLAlchemy, MLflow and Optuna) read it when PGPASSFILE names it."""
+    path = root / "pgpass"
+    escaped = password.replace("\\", "\\\\").replace(":", "\\:")
+    write_secret(path, f"127.0.0.1:*:*:postgres:{escaped}\n")
+    return path
+
+
+def write_secret(path: Path, text: str) -> None:
+    """Write `text` to a file only its owner can read: created 0600 beside it, then renamed over
+    it, so the file is never wider nor half-written."""
+    partial = path.with_name(f".{path.name}.partial")
+    partial.unlink(missing_ok=True)
+    descriptor = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(descriptor, "w") as file:
+        file.write(text)
+    os.replace(partial, path)
+
+
 @contextmanager
 def postgres(root: Path, port: int, password: str) -> Iterator[tuple[str, subprocess.Popen]]:
     """PostgreSQL on 127.0.0.1:`port` with a password and the DATABASES; its URI without a
-    database (append `/mlflow` or `/optuna`)."""
+    database (append `/mlflow` or `/optuna`) and without the password, which clients take from
+    the file named by PGPASSFILE (`pgpass_file`), never from a command line."""
     log, user = root / "logs" / "postgres.log", service_user()
     bin_dir, data = pg_home(root, user)
     as_user = {"user": user, "group": pwd.getpwnam(user).pw_gid, "cwd": data.parent} if user else {}
@@ -144,6 +169,6 @@ def postgres(root: Path, port: int, password: str) -> Iterator[tuple[str, subpro
         found = subprocess.run(query, capture_output=True, text=True, env=env, check=True)
         for name in set(DATABASES) - set(found.stdout.split()):
             subprocess.run([str(bin_dir / "createdb"), *address, name], env=env, check=True)
-        yield f"postgresql+psycopg://postgres:{password}@127.0.0.1:{port}", server
+        yield f"postgresql+psycopg://postgres@127.0.0.1:{port}", server
     finally:
         stop(server, signal.SIGINT)

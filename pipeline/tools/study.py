@@ -3,6 +3,8 @@ MLflow parent run, its summary and its winner."""
 
 from __future__ import annotations
 
+import os
+import socket
 import time
 import warnings
 
@@ -11,19 +13,39 @@ import optuna
 from matplotlib import pyplot
 from mlflow.tracking import MlflowClient
 from optuna.trial import FrozenTrial, TrialState
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
 
 from pipeline.config import SweepConfig
-from pipeline.errors import PipelineError, first_line
+from pipeline.errors import ConfigError, PipelineError, first_line
+from pipeline.paths import STACK_ROOT
 from pipeline.tracking import store
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 RUN_ID = "mlflow_run_id"  # the MLflow run of a trial, or of the study (user attributes)
 SETTLE_S = 2.0  # how long two workers that start together take to agree on the parent run
+ELECTION_S = 60.0  # how long the others wait for the elected worker's parent run
+CLAIM = "mlflow_run_claim"  # which worker makes the study's parent run (user attribute)
 
 
 def storage_url(cfg: SweepConfig, given: str | None) -> str:
-    """--storage, else `sweep.storage`, else optuna.db beside mlflow.db in the repository."""
+    """--storage, else `sweep.storage`, else optuna.db beside mlflow.db in the repository.
+
+    A URL with a password is refused: on a command line `ps` shows it to every user, in
+    params.yaml git keeps it. PostgreSQL's clients read it from the file PGPASSFILE names.
+    """
     url = given or cfg.storage
+    where = "--storage" if given else "sweep.storage in params.yaml"
+    try:
+        parsed = make_url(url) if url else None
+    except ArgumentError:
+        raise ConfigError(f"{where}: {shown(url)} is not a database URL") from None
+    if parsed is not None and (parsed.password or "password" in parsed.query):
+        raise ConfigError(
+            f"{where} holds a password ({shown(url)}): drop it from the URL and put it in a 0600 "
+            f"file named by PGPASSFILE (make stack writes {STACK_ROOT / 'pgpass'}; source "
+            f"{STACK_ROOT / 'writer.env'})"
+        )
     return url or f"sqlite:///{store.store_root() / 'optuna.db'}"
 
 
@@ -62,8 +84,8 @@ def open_study(name: str, url: str, cfg: SweepConfig, create: bool = True) -> op
 
 
 def shown(url: str) -> str:
-    """A storage URL without its credentials."""
-    return url.split("@")[-1] if "@" in url else url
+    """A storage URL without its credentials (user, password, query)."""
+    return url.split("@")[-1].split("?")[0]
 
 
 def end_and_retry(study: optuna.Study, trial: FrozenTrial) -> None:
@@ -75,20 +97,41 @@ def end_and_retry(study: optuna.Study, trial: FrozenTrial) -> None:
 
 
 def parent_run(study: optuna.Study, experiment_id: str, cfg: SweepConfig) -> str:
-    """The study's MLflow run, its id kept in the study. Workers that start together may both
-    make one: each waits SETTLE_S for the others' writes, and all keep the last one written."""
+    """The study's MLflow run, its id kept in the study. Workers that start together elect the
+    one that makes it: each writes a claim, waits SETTLE_S for the others' writes, and the last
+    claim written wins; the others wait for the winner's run. No run is made twice, so none is
+    deleted: the team stack's writer may not delete runs."""
     found = study.user_attrs.get(RUN_ID)
     if found and store.has_run(found):
         return found
+    earlier = study.user_attrs.get(CLAIM)
+    if earlier and time.time() - float(earlier.rsplit(":", 1)[1]) < ELECTION_S:
+        return elected_run(study, earlier)  # another worker is making it now
+    claim = f"{socket.gethostname()}:{os.getpid()}:{time.time()}"
+    study.set_user_attr(CLAIM, claim)
+    time.sleep(SETTLE_S)
+    winner = study.user_attrs.get(CLAIM)  # read from the storage, with the others' writes
+    if winner != claim:
+        return elected_run(study, winner)
     tags = {"optuna.study": study.study_name}
     with mlflow.start_run(experiment_id=experiment_id, run_name=study.study_name, tags=tags) as run:
         mlflow.log_params({f"space.{key}": value for key, value in space_of(cfg).items()})
     study.set_user_attr(RUN_ID, run.info.run_id)
-    time.sleep(SETTLE_S)
-    kept = study.user_attrs[RUN_ID]  # read from the storage, with the other workers' writes
-    if kept != run.info.run_id:
-        MlflowClient().delete_run(run.info.run_id)
-    return kept
+    return run.info.run_id
+
+
+def elected_run(study: optuna.Study, winner: str) -> str:
+    """The parent run another worker's claim won, once it is made (it logs the space first)."""
+    deadline = time.monotonic() + ELECTION_S
+    while time.monotonic() < deadline:
+        found = study.user_attrs.get(RUN_ID)
+        if found and store.has_run(found):
+            return found
+        time.sleep(0.2)
+    raise PipelineError(
+        f"the worker that claimed study {study.study_name!r}'s MLflow run ({winner}) made none "
+        f"within {ELECTION_S:.0f} s; run this worker again"
+    )
 
 
 def space_of(cfg: SweepConfig) -> dict[str, str]:

@@ -27,6 +27,7 @@ from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.pyfunc import PythonModel
 from mlflow.types import ParamSchema, ParamSpec, Schema, TensorSpec
 
+from pipeline.config import SCORE_SAMPLES
 from pipeline.data.weights import load_vae
 from pipeline.vae.model import IMAGE_DIM, VAE, loss_terms
 
@@ -83,8 +84,8 @@ def run_method(model: VAE, data: object, params: dict) -> np.ndarray:
     if method == "reconstruct":
         return model.decode(mu).numpy()
     samples = int(params.get("samples", 1))
-    if not 1 <= samples <= 10_000:
-        raise invalid(f"samples = {samples}: use 1 to 10000 draws per image")
+    if not 1 <= samples <= SCORE_SAMPLES:
+        raise invalid(f"samples = {samples}: use 1 to {SCORE_SAMPLES} draws per image")
     generator = torch.Generator().manual_seed(int(params.get("seed", 0)))
     total = torch.zeros(len(images))
     for _ in range(samples):

@@ -19,6 +19,7 @@ from pipeline.config import Params, RegistryConfig
 from pipeline.errors import ConfigError, RegistryError
 from pipeline.tracking.provenance import file_digest, git_tags
 from pipeline.tracking.pyfunc import DESCRIPTION
+from pipeline.tracking.store import reraise_refusal
 from pipeline.vae.evaluation import SCALAR_METRICS
 
 CANDIDATE, CHAMPION = "candidate", "champion"
@@ -55,7 +56,8 @@ def register(
     """Make the run's model a version of `name` (once per run), tag it, and alias it @candidate."""
     try:
         client.get_registered_model(name)
-    except MlflowException:
+    except MlflowException as exc:
+        reraise_refusal(exc)
         client.create_registered_model(name, description=DESCRIPTION)
     existing = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
     if existing:
@@ -108,7 +110,8 @@ def basis_differences(candidate: ModelVersion, champion: ModelVersion) -> list[s
 def has_champion(client: MlflowClient, name: str) -> bool:
     try:
         client.get_model_version_by_alias(name, CHAMPION)
-    except MlflowException:
+    except MlflowException as exc:
+        reraise_refusal(exc)
         return False
     return True
 
@@ -116,7 +119,8 @@ def has_champion(client: MlflowClient, name: str) -> bool:
 def _version(client: MlflowClient, name: str, version: str | None, alias: str) -> ModelVersion:
     try:
         client.get_registered_model(name)
-    except MlflowException:
+    except MlflowException as exc:
+        reraise_refusal(exc)
         raise RegistryError(
             f"registered model '{name}' not found in the MLflow registry; run `dvc repro evaluate`"
             " to register a model first"
@@ -125,7 +129,8 @@ def _version(client: MlflowClient, name: str, version: str | None, alias: str) -
         if version is None:
             return client.get_model_version_by_alias(name, alias)
         return client.get_model_version(name, version)
-    except MlflowException:
+    except MlflowException as exc:
+        reraise_refusal(exc)
         what = f"version {version}" if version else f"alias @{alias}"
         raise RegistryError(f"'{name}' has no {what}; see the versions in `mlflow ui`") from None
 

@@ -12,7 +12,7 @@ import mlflow
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from pipeline.errors import TrackingError, first_line
+from pipeline.errors import TrackingError, first_line, login_refusal
 
 SERVER_TIMEOUT_S = 10  # connect + read; well inside the 30 s the user is promised
 
@@ -72,6 +72,9 @@ def connect(experiment: str) -> str:
 
 def store_error(uri: str, exc: Exception) -> TrackingError:
     """One line for a store that cannot be opened: not a database, locked, or refusing."""
+    refused = login_refusal(exc)
+    if refused is not None:
+        return refused
     text = str(exc)
     if "database is locked" in text:
         return TrackingError(
@@ -87,11 +90,20 @@ def store_error(uri: str, exc: Exception) -> TrackingError:
     return TrackingError(f"the MLflow store {uri} cannot be used ({first_line(exc)[:200]})")
 
 
+def reraise_refusal(exc: MlflowException) -> None:
+    """Raise the one-line refusal when a server refused the login or the right, so that an
+    `except MlflowException` meant for "not found" does not take a 401 or 403 for it."""
+    refused = login_refusal(exc)
+    if refused is not None:
+        raise refused from None
+
+
 def run_status(run_id: str) -> str | None:
     """The run's status (FINISHED, KILLED, ...), or None when the store does not have it."""
     try:
         return MlflowClient().get_run(run_id).info.status
-    except MlflowException:
+    except MlflowException as exc:
+        reraise_refusal(exc)
         return None
 
 
@@ -107,6 +119,21 @@ def load_model(uri: str) -> mlflow.pyfunc.PyFuncModel:
     try:
         return mlflow.pyfunc.load_model(uri)
     except (MlflowException, OSError) as exc:
+        reraise_refusal(exc)
+        raise TrackingError(f"cannot load model {uri} from {store}: {first_line(exc)}") from None
+
+
+def download_model(uri: str, folder: Path) -> str:
+    """A logged or registered model's files, downloaded into `folder`; their local path."""
+    from mlflow.artifacts import download_artifacts
+
+    store = tracking_uri()
+    check_reachable(store)
+    mlflow.set_tracking_uri(store)
+    try:
+        return download_artifacts(artifact_uri=uri, dst_path=str(folder))
+    except (MlflowException, OSError) as exc:
+        reraise_refusal(exc)
         raise TrackingError(f"cannot load model {uri} from {store}: {first_line(exc)}") from None
 
 

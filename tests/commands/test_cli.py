@@ -14,6 +14,7 @@ from pipeline import commands, runtime
 
 COMMANDS = {
     "promote", "generate", "score", "report", "paper", "explore", "sweep", "stack", "bench",
+    "serve", "loadtest",
 }  # fmt: skip
 
 

@@ -16,7 +16,12 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     # as `nobody` under root, and must find its binaries and data all the same.
     root = tmp_path_factory.mktemp("stack")
     try:
-        with running_stack(root) as running:
+        # The writer's login, S3 keys and PGPASSFILE for every client the tests start, as a
+        # user who sourced .stack/writer.env; tests that act as someone else say so.
+        with running_stack(root) as running, pytest.MonkeyPatch.context() as env:
+            for key, value in running.client_env("writer").items():
+                if key != "MLFLOW_TRACKING_URI":
+                    env.setenv(key, value)
             yield running
         assert [name for name, p in running.servers.items() if p.poll() is None] == []
     finally:

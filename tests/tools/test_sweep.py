@@ -4,8 +4,10 @@ whose winner becomes a `dvc exp run`."""
 from __future__ import annotations
 
 import signal
+import time
 from pathlib import Path
 
+import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
@@ -15,6 +17,7 @@ from pipeline.config import load_params
 from pipeline.errors import Interrupted
 from pipeline.tools import study as study_of
 from pipeline.tools import sweep
+from pipeline.tracking import store
 
 TINY = {
     "trials": 3,
@@ -128,10 +131,41 @@ def test_a_storage_that_cannot_be_used_is_one_line(
 ) -> None:
     set_params(workdir, sweep=TINY)
     with pytest.raises(SystemExit):
-        run_sweep("postgresql+psycopg://u:secret@127.0.0.1:9/none")
+        run_sweep("postgresql+psycopg://u@127.0.0.1:9/none")
     error = capsys.readouterr().err.strip()
     assert error.startswith("error: Optuna storage 127.0.0.1:9/none cannot be used: ")
-    assert "secret" not in error and len(error.splitlines()) == 1
+    assert len(error.splitlines()) == 1
+
+
+@pytest.mark.parametrize("where", ["--storage", "sweep.storage"])
+def test_a_storage_url_with_a_password_is_refused_without_showing_it(
+    workdir: Path, set_params, capsys: pytest.CaptureFixture, where: str
+) -> None:
+    url = "postgresql+psycopg://postgres:s3cret@127.0.0.1:9/optuna"
+    set_params(workdir, sweep=TINY | ({"storage": url} if where == "sweep.storage" else {}))
+    with pytest.raises(SystemExit) as stopped:
+        run_sweep(url) if where == "--storage" else commands.main(["sweep", "--study", "tiny"])
+    error = capsys.readouterr().err.strip()
+    assert stopped.value.code == 2 and len(error.splitlines()) == 1
+    assert error.startswith(f"error: {where}") and "PGPASSFILE" in error
+    assert "s3cret" not in error
+
+
+@pytest.mark.parametrize(
+    "url, said",
+    [
+        ("postgresql+psycopg://postgres@127.0.0.1:9/optuna?password=s3cret", "holds a password"),
+        ("postgres@127.0.0.1/optuna", "is not a database URL"),
+    ],
+)
+def test_a_password_in_the_query_or_a_malformed_url_is_one_line(
+    workdir: Path, set_params, capsys: pytest.CaptureFixture, url: str, said: str
+) -> None:
+    set_params(workdir, sweep=TINY)
+    with pytest.raises(SystemExit):
+        run_sweep(url)
+    error = capsys.readouterr().err.strip()
+    assert said in error and len(error.splitlines()) == 1 and "s3cret" not in error
 
 
 def test_ctrl_c_marks_the_trial_and_its_run_then_stops_the_worker_in_one_line(
@@ -173,3 +207,43 @@ def test_a_dimension_added_to_the_space_in_params_yaml_is_searched_and_trained_w
     url = f"sqlite:///{workdir / 'optuna.db'}"
     searched = study_of.open_study("tiny", url, load_params().sweep)
     assert searched.trials[0].params["train.adam_beta1"] == 0.5  # and so in --best's command
+
+
+def test_a_worker_whose_claim_lost_waits_for_the_winners_run_and_makes_none(
+    workdir: Path, set_params, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    set_params(workdir, sweep=TINY)
+    cfg = load_params().sweep
+    race = study_of.open_study("race", f"sqlite:///{workdir / 'optuna.db'}", cfg)
+    experiment_id = store.connect("mnist-vae")
+    with mlflow.start_run(experiment_id=experiment_id) as winner:
+        pass
+
+    def another_worker_claims_and_makes_its_run(seconds: float) -> None:
+        race.set_user_attr(study_of.CLAIM, "other-host:1:0.0")
+        race.set_user_attr(study_of.RUN_ID, winner.info.run_id)
+
+    monkeypatch.setattr(study_of.time, "sleep", another_worker_claims_and_makes_its_run)
+    assert study_of.parent_run(race, experiment_id, cfg) == winner.info.run_id
+    runs = MlflowClient().search_runs([experiment_id])
+    assert [run.info.run_id for run in runs] == [winner.info.run_id]
+
+
+def test_a_worker_that_finds_a_fresh_claim_waits_for_that_workers_run(
+    workdir: Path, set_params, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    set_params(workdir, sweep=TINY)
+    cfg = load_params().sweep
+    race = study_of.open_study("late", f"sqlite:///{workdir / 'optuna.db'}", cfg)
+    experiment_id = store.connect("mnist-vae")
+    with mlflow.start_run(experiment_id=experiment_id) as winner:
+        pass
+    race.set_user_attr(study_of.CLAIM, f"other-host:1:{time.time()}")  # making its run now
+
+    def the_other_worker_finishes(seconds: float) -> None:
+        race.set_user_attr(study_of.RUN_ID, winner.info.run_id)
+
+    monkeypatch.setattr(study_of.time, "sleep", the_other_worker_finishes)
+    assert study_of.parent_run(race, experiment_id, cfg) == winner.info.run_id
+    assert race.user_attrs[study_of.CLAIM].startswith("other-host:")  # it never claimed
+    assert len(MlflowClient().search_runs([experiment_id])) == 1

@@ -1,0 +1,370 @@
+"""`mnist-vae serve`: a registered model over MLflow's `/invocations` protocol, on 127.0.0.1.
+
+MLflow's own scoring server (`mlflow.pyfunc.scoring_server`, FastAPI under uvicorn) answers; this
+module puts a guard in front of it and runs it with uvicorn's workers. MLflow's server alone reads
+any body into memory, has no bound on the rows or draws one request may ask for, accepts NaN, and
+answers a bad request with the whole input echoed back. The guard, before MLflow sees a request:
+
+- refuses a body over `serve.max_body_bytes` (413, unread when Content-Length says so), one that
+  takes longer than `serve.timeout_seconds` to arrive (408), and any type but JSON (415);
+- parses it and checks what `check_request` lists (400), within `serve.max_rows` and
+  `serve.max_samples`;
+- replaces any 4xx or 5xx body with one line of at most MESSAGE_CHARS characters, quoting at most
+  EXCERPT_CHARS of the input.
+
+A checked request is answered by the model's `predict` on the rows the guard parsed, written with
+orjson (`serve.handler: direct`): MLflow's handler would parse them again through pandas and write
+the answer with `json`, 30-40 ms of CPU around a 2 ms prediction of 32 digits (docs/serving.md);
+`handler: mlflow` hands it to MLflow's handler instead. Connections beyond `serve.max_concurrency`
+per worker get 503 from uvicorn at once; a prediction past `serve.timeout_seconds` gets 504. The
+model is downloaded once, then each worker loads it from that folder with torch on cores / workers
+threads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import os
+import re
+import reprlib
+import tempfile
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass
+from http import HTTPStatus
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orjson
+
+from pipeline.config import ServeConfig
+from pipeline.errors import first_line
+from pipeline.tracking import pyfunc
+from pipeline.vae.model import IMAGE_DIM
+
+SETTINGS_ENV = "MNIST_VAE_SERVE_SETTINGS"  # how the parent hands the settings to its workers
+MESSAGE_CHARS = 300  # an error message's length at most; input is echoed in EXCERPT_CHARS
+EXCERPT_CHARS = 40
+# MLflow's JSON forms of a tensor; its dataframe forms fail with this model's tensor signature
+INPUT_KEYS = ("inputs", "instances")
+PYTHON_TYPES = {"string": str, "long": int, "boolean": bool}  # MLflow's param types in JSON
+PARAMS = {spec.name: PYTHON_TYPES[spec.dtype.name] for spec in pyfunc.PARAMS.params}
+TYPE_NAMES = {str: "a string", int: "an integer", bool: "true or false"}
+MAX_SEED = 2**63 - 1
+VALUE_KINDS = {"U": "strings", "b": "booleans", "O": "nulls, mixed values or integers too large"}
+
+
+class BadRequest(Exception):
+    """A request the server refuses: its HTTP status and one line that says what was expected."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def excerpt(value: object) -> str:
+    """At most EXCERPT_CHARS characters of what the client sent: reprlib walks only the first
+    levels and items of a value, so a deep or large one costs nothing to quote."""
+    short = reprlib.Repr()
+    short.maxlevel, short.maxstring, short.maxother = 2, EXCERPT_CHARS, EXCERPT_CHARS
+    text = value if isinstance(value, str) else short.repr(value)
+    return repr(text[:EXCERPT_CHARS] + ("..." if len(text) > EXCERPT_CHARS else ""))
+
+
+def check_request(
+    body: bytes, settings: ServeConfig, latent_dim: int
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """The rows and params of a JSON request, checked: an object with one of INPUT_KEYS (a list of
+    rows) and optional `params` of PARAMS; no other key; the method's width (latent_dim to
+    decode, 784 pixels otherwise); finite numbers, pixels in [0, 1]; at most max_rows rows and
+    max_samples draws. Raises BadRequest naming what was expected."""
+    try:
+        request = orjson.loads(body)  # ten times json's speed on a batch of digits, and stricter
+    except orjson.JSONDecodeError as exc:
+        if body[exc.pos : exc.pos + 9].lstrip(b"-").startswith((b"NaN", b"Inf")) or (
+            "infinity" in exc.msg
+        ):
+            raise BadRequest(400, "expected finite numbers, got NaN, Infinity or 1e400") from None
+        near = excerpt(body[max(0, exc.pos - 10) : exc.pos + 10].decode("utf-8", "replace"))
+        raise BadRequest(400, f"expected JSON: {exc.msg} at character {exc.pos} ({near})") from None
+    shape = '{"inputs": [[...], ...], "params": {"method": ...}}'
+    if not isinstance(request, dict):
+        raise BadRequest(400, f"expected a JSON object {shape}, got {type(request).__name__}")
+    unknown = sorted(set(request) - {*INPUT_KEYS, "params"})
+    if unknown:
+        raise BadRequest(400, f"unknown key {excerpt(unknown[0])}; expected {shape}")
+    given = [key for key in INPUT_KEYS if key in request]
+    if len(given) != 1:
+        raise BadRequest(400, f"expected exactly one of {', '.join(INPUT_KEYS)}; got {len(given)}")
+    params = checked_params(request.get("params", {}), settings)
+    rows = request[given[0]]
+    width = latent_dim if params["method"] == "decode" else IMAGE_DIM
+    what = "latent vectors" if params["method"] == "decode" else "images of 784 pixels"
+    return checked_rows(rows, width, what, settings.max_rows), params
+
+
+def checked_params(params: object, settings: ServeConfig) -> dict[str, Any]:
+    if not isinstance(params, dict):
+        raise BadRequest(400, f"expected params as an object, got {excerpt(params)}")
+    for name, value in params.items():
+        wanted = PARAMS.get(name)
+        if wanted is None:
+            raise BadRequest(400, f"unknown param {excerpt(name)}; expected {', '.join(PARAMS)}")
+        # bool is an int in Python: `samples: true` is not a number of draws
+        if not isinstance(value, wanted) or (wanted is int and isinstance(value, bool)):
+            raise BadRequest(
+                400, f"param {name} must be {TYPE_NAMES[wanted]}, got {excerpt(value)}"
+            )
+    method = params.get("method", "decode")
+    if method not in pyfunc.METHODS:
+        raise BadRequest(400, f"method {excerpt(method)} is not one of {', '.join(pyfunc.METHODS)}")
+    samples = params.get("samples", 1)
+    if not 1 <= samples <= settings.max_samples:
+        raise BadRequest(
+            400, f"samples = {samples}: this server allows 1 to {settings.max_samples}"
+        )
+    if not 0 <= params.get("seed", 0) <= MAX_SEED:
+        raise BadRequest(400, f"seed must be 0 to 2**63 - 1, got {excerpt(params['seed'])}")
+    return {"method": method} | params
+
+
+def checked_rows(rows: object, width: int, what: str, max_rows: int) -> np.ndarray:
+    if not isinstance(rows, list) or not rows:
+        raise BadRequest(400, f"expected a non-empty list of {what}, got {excerpt(rows)}")
+    if len(rows) > max_rows:
+        raise BadRequest(400, f"{len(rows)} rows: this server takes at most {max_rows} a request")
+    try:
+        array = np.asarray(rows)
+    except (ValueError, TypeError):  # ragged rows
+        raise BadRequest(400, f"expected rows of {width} numbers ({what}); rows differ") from None
+    if array.dtype.kind not in "iuf" or array.ndim != 2 or array.shape[1] != width:
+        got = VALUE_KINDS.get(array.dtype.kind, f"shape {array.shape}")
+        raise BadRequest(400, f"expected {what}: rows of {width} numbers, got {got}")
+    with np.errstate(over="ignore"):  # 1e39 is no float32: it becomes inf, refused below
+        array = array.astype(np.float32)
+    finite = np.isfinite(array)
+    if not finite.all():
+        row = int(np.argwhere(~finite)[0][0])
+        raise BadRequest(400, f"expected finite numbers; row {row} has inf or a number too large")
+    if width == IMAGE_DIM and (array.min() < 0 or array.max() > 1):
+        low, high = float(array.min()), float(array.max())
+        raise BadRequest(
+            400, f"expected pixels in [0, 1] (divide uint8 by 255), got {low:g} to {high:g}"
+        )
+    return array
+
+
+def error_body(status: int, message: str) -> bytes:
+    """MLflow's error shape, {"error_code", "message"}, with the message on one short line."""
+    code = "INVALID_PARAMETER_VALUE" if status == 400 else HTTPStatus(status).name
+    line = " ".join(message.split())[:MESSAGE_CHARS]
+    return json.dumps({"error_code": code, "message": line}).encode()
+
+
+Receive = Callable[[], Awaitable[dict]]
+Send = Callable[[dict], Awaitable[None]]
+
+
+class Guard:
+    """ASGI middleware in front of MLflow's scoring app: see the module's docstring."""
+
+    def __init__(self, app: Any, settings: ServeConfig, model: Any, latent_dim: int) -> None:
+        self.app, self.settings, self.model, self.latent_dim = app, settings, model, latent_dim
+
+    async def __call__(self, scope: dict, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        send = one_line_errors(send)
+        if scope["path"] != "/invocations" or scope["method"] != "POST":
+            return await self.app(scope, receive, send)  # /ping, /health, /version; 404, 405
+        try:
+            check_content_type(scope)
+            body = await asyncio.wait_for(
+                read_body(scope, receive, self.settings.max_body_bytes),
+                self.settings.timeout_seconds,
+            )
+            # In a thread: parsing 8 MiB must not stall the worker's other connections.
+            rows, params = await asyncio.to_thread(
+                check_request, body, self.settings, self.latent_dim
+            )
+            if self.settings.handler == "mlflow":
+                return await self.app(scope, replay(body, receive), send)
+            answer = await self.predict(rows, params)
+        except BadRequest as refused:
+            return await respond(send, refused.status, str(refused))
+        except (asyncio.TimeoutError, TimeoutError):
+            return await respond(send, 408, "the body took too long to arrive")
+        headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(answer))]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": answer})
+
+    async def predict(self, rows: np.ndarray, params: dict[str, Any]) -> bytes:
+        """The model on the rows already checked, as MLflow's handler would answer, without
+        parsing them again: {"predictions": ...}."""
+        from mlflow.exceptions import MlflowException
+
+        work = asyncio.to_thread(self.model.predict, rows, params=params)
+        try:
+            # A prediction past the limit is answered 504; its thread runs on to the end (a
+            # thread cannot be stopped), which the bounds on rows and samples keep short.
+            predictions = await asyncio.wait_for(work, self.settings.timeout_seconds)
+        except (asyncio.TimeoutError, TimeoutError):
+            limit = self.settings.timeout_seconds
+            raise BadRequest(504, f"the prediction took longer than {limit:g} s") from None
+        except MlflowException as exc:  # the model's own checks
+            raise BadRequest(400, first_line(exc)) from None
+        except Exception as exc:  # a bug: the log keeps its traceback, the client gets a line
+            logging.getLogger(__name__).exception("prediction failed")
+            raise BadRequest(500, f"the model failed ({type(exc).__name__})") from None
+        predictions = np.ascontiguousarray(predictions)
+        return orjson.dumps({"predictions": predictions}, option=orjson.OPT_SERIALIZE_NUMPY)
+
+
+def check_content_type(scope: dict) -> None:
+    headers = dict(scope["headers"])
+    given = headers.get(b"content-type", b"").decode("latin-1")
+    mime, _, rest = given.partition(";")
+    charset = rest.strip().lower().removeprefix("charset=") or "utf-8"
+    if mime.strip().lower() != "application/json" or charset != "utf-8":
+        raise BadRequest(415, f"expected Content-Type application/json, got {excerpt(given)}")
+
+
+async def read_body(scope: dict, receive: Receive, limit: int) -> bytes:
+    declared = dict(scope["headers"]).get(b"content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise BadRequest(413, f"a body of {int(declared)} bytes; this server takes {limit}")
+    chunks, size = [], 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise BadRequest(400, "the client went away")
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise BadRequest(413, f"a body over {limit} bytes; this server takes {limit}")
+        chunks.append(chunk)
+        if not message.get("more_body"):
+            return b"".join(chunks)
+
+
+def replay(body: bytes, receive: Receive) -> Receive:
+    """A `receive` that hands MLflow's app the body already read, then the connection's own
+    messages (a disconnect)."""
+    sent = False
+
+    async def replayed() -> dict:
+        nonlocal sent
+        if sent:
+            return await receive()
+        sent = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return replayed
+
+
+async def respond(
+    send: Send, status: int, message: str, headers: list[tuple[bytes, bytes]] = ()
+) -> None:
+    """A JSON error in one line; `headers` are the app's own (Allow on a 405), less the body's."""
+    body = error_body(status, message)
+    kept = [(k, v) for k, v in headers if k.lower() not in (b"content-type", b"content-length")]
+    head = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
+    await send({"type": "http.response.start", "status": status, "headers": head + kept})
+    await send({"type": "http.response.body", "body": body})
+
+
+def one_line_errors(send: Send) -> Send:
+    """`send` with any 4xx or 5xx body cut to its message's first line (MLflow echoes the whole
+    input, and adds its stack trace)."""
+    started: list[dict] = []
+    head = bytearray()  # the error body's first 4 KiB hold its message
+
+    async def wrapped(message: dict) -> None:
+        if message["type"] == "http.response.start":
+            started.append(message)
+            if message["status"] < 400:
+                await send(message)
+            return
+        if message["type"] == "http.response.body" and started and started[0]["status"] >= 400:
+            head.extend(message.get("body", b"")[: 4096 - len(head)])
+            if not message.get("more_body"):
+                status, headers = started[0]["status"], started[0].get("headers", [])
+                await respond(send, status, error_message(bytes(head)), headers)
+            return
+        await send(message)
+
+    return wrapped
+
+
+MESSAGE_FIELD = re.compile(rb'"(?:message|detail)"\s*:\s*"((?:[^"\\]|\\.)*)')
+
+
+def error_message(body: bytes) -> str:
+    """The message of an error body: its JSON `message` (or FastAPI's `detail`), even when the
+    body was cut short, else its first line."""
+    found = MESSAGE_FIELD.search(body)
+    if found:
+        try:
+            return json.loads(b'"' + found.group(1) + b'"').splitlines()[0]
+        except (ValueError, IndexError):
+            return found.group(1).decode("utf-8", "replace")
+    text = body.decode("utf-8", "replace").strip()
+    return text.splitlines()[0] if text else HTTPStatus.BAD_REQUEST.phrase
+
+
+@dataclass(frozen=True)
+class Settings:
+    model_dir: str
+    limits: dict[str, Any]
+    threads: int
+
+
+def create_app() -> Guard:
+    """uvicorn's factory, once in each worker: the model from the parent's download, guarded."""
+    import mlflow
+    import torch
+    from mlflow.pyfunc import scoring_server
+
+    from pipeline import runtime
+
+    settings = Settings(**json.loads(os.environ[SETTINGS_ENV]))
+    torch.set_num_threads(settings.threads)
+    runtime.start()
+    model = mlflow.pyfunc.load_model(settings.model_dir)
+    latent_dim = int(model.metadata.metadata["latent_dim"])
+    app = scoring_server.init(model)  # /ping, /health, /version, and /invocations for `mlflow`
+    return Guard(app, ServeConfig(**settings.limits), model, latent_dim)
+
+
+def serve(model_uri: str, port: int, settings: ServeConfig, ready: Callable[[], None]) -> None:
+    """Download the model once, then run uvicorn with `settings.workers` workers on 127.0.0.1
+    until SIGINT or SIGTERM."""
+    import uvicorn
+    from mlflow.environment_variables import MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT
+
+    from pipeline.tools.servers import check_free
+    from pipeline.tracking import store
+
+    check_free(port, "mnist-vae serve")
+    with tempfile.TemporaryDirectory(prefix="mnist-vae-serve-") as folder:
+        # Only downloaded here: loading a model puts its own copy of this package first on
+        # sys.path, and the workers, which start from the parent's sys.path, would import that.
+        local = store.download_model(model_uri, Path(folder))
+        threads = max(1, (os.cpu_count() or 1) // settings.workers)
+        os.environ[SETTINGS_ENV] = json.dumps(asdict(Settings(local, asdict(settings), threads)))
+        timeout = str(math.ceil(settings.timeout_seconds))
+        os.environ[MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT.name] = timeout
+        ready()
+        uvicorn.run(
+            "pipeline.tools.serve:create_app",
+            factory=True,
+            host="127.0.0.1",
+            port=port,
+            workers=settings.workers,
+            limit_concurrency=settings.max_concurrency,
+            timeout_keep_alive=5,
+            log_level="warning",
+        )
