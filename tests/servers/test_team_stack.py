@@ -37,10 +37,10 @@ def s3_keys(stack: Stack, role: str = "writer") -> dict[str, str]:
 
 
 def bucket_keys(stack: Stack, bucket: str, prefix: str) -> set[str]:
-    keys = s3_keys(stack)
+    """The objects under `prefix`, seen as the operator (the server's keys reach every bucket)."""
     s3 = boto3.client("s3", endpoint_url=stack.s3_endpoint, region_name="us-east-1", **{
-        "aws_access_key_id": keys["AWS_ACCESS_KEY_ID"],
-        "aws_secret_access_key": keys["AWS_SECRET_ACCESS_KEY"],
+        "aws_access_key_id": stack.keys["server_access_key"],
+        "aws_secret_access_key": stack.keys["server_secret_key"],
     })  # fmt: skip
     pages = s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
     return {item["Key"] for page in pages for item in page.get("Contents", [])}
