@@ -209,15 +209,22 @@ def test_a_dimension_added_to_the_space_in_params_yaml_is_searched_and_trained_w
     assert searched.trials[0].params["train.adam_beta1"] == 0.5  # and so in --best's command
 
 
-def test_a_worker_whose_claim_lost_waits_for_the_winners_run_and_makes_none(
-    workdir: Path, set_params, monkeypatch: pytest.MonkeyPatch
-) -> None:
+@pytest.fixture
+def race(workdir: Path, set_params):
+    """A study with no parent run yet, and the run another worker is about to make for it."""
     set_params(workdir, sweep=TINY)
     cfg = load_params().sweep
-    race = study_of.open_study("race", f"sqlite:///{workdir / 'optuna.db'}", cfg)
+    study = study_of.open_study("race", f"sqlite:///{workdir / 'optuna.db'}", cfg)
     experiment_id = store.connect("mnist-vae")
     with mlflow.start_run(experiment_id=experiment_id) as winner:
         pass
+    return study, cfg, experiment_id, winner
+
+
+def test_a_worker_whose_claim_lost_waits_for_the_winners_run_and_makes_none(
+    race, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    race, cfg, experiment_id, winner = race
 
     def another_worker_claims_and_makes_its_run(seconds: float) -> None:
         race.set_user_attr(study_of.CLAIM, "other-host:1:0.0")
@@ -230,14 +237,9 @@ def test_a_worker_whose_claim_lost_waits_for_the_winners_run_and_makes_none(
 
 
 def test_a_worker_that_finds_a_fresh_claim_waits_for_that_workers_run(
-    workdir: Path, set_params, monkeypatch: pytest.MonkeyPatch
+    race, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    set_params(workdir, sweep=TINY)
-    cfg = load_params().sweep
-    race = study_of.open_study("late", f"sqlite:///{workdir / 'optuna.db'}", cfg)
-    experiment_id = store.connect("mnist-vae")
-    with mlflow.start_run(experiment_id=experiment_id) as winner:
-        pass
+    race, cfg, experiment_id, winner = race
     race.set_user_attr(study_of.CLAIM, f"other-host:1:{time.time()}")  # making its run now
 
     def the_other_worker_finishes(seconds: float) -> None:
