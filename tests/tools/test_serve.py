@@ -25,7 +25,12 @@ from helpers.workdir import make_workdir, write_params
 from pipeline.config import ServeConfig, load_params
 from pipeline.stages import train as train_stage
 from pipeline.stages.evaluate import run_evaluation
-from pipeline.tools.serve import EXCERPT_CHARS, MESSAGE_CHARS, BadRequest, check_request
+from pipeline.tools.scoring_requests import (
+    EXCERPT_CHARS,
+    MESSAGE_CHARS,
+    BadRequest,
+    check_request,
+)
 from pipeline.tools.servers import free_port
 
 LIMITS = ServeConfig(
