@@ -78,6 +78,10 @@ class EvaluateConfig:
     batch_size: int = _check(at_least=1, at_most=TEST_IMAGES, why="the test set")
     active_unit_threshold: float = _check(above=0)
     seed: int = _check(at_least=0)
+    # The drift monitor's reference profile (tracking/reference.py): a seeded half of the test set
+    # at most, so that the other half stays unseen for its operating figures.
+    reference_images: int = _check(at_least=10, at_most=TEST_IMAGES // 2, why="half the test set")
+    reference_samples: int = _check(at_least=1, at_most=1000, why="a profile, not a census")
 
 
 @dataclass(frozen=True)
@@ -132,6 +136,14 @@ class ServeConfig:
     max_samples: int = _check(at_least=1, at_most=SCORE_SAMPLES, why="the model's own bound")
     max_concurrency: int = _check(at_least=1, at_most=10_000, why="requests held in memory")
     handler: Literal["direct", "mlflow"]  # who answers a checked request (docs/serving.md)
+    request_log: str  # "" = off; a JSON-lines file of what was asked and answered
+    request_log_bytes: int = _check(at_least=1 << 20, at_most=1 << 40, why="a terabyte")
+
+
+@dataclass(frozen=True)
+class MonitorConfig:
+    alpha: float = _check(above=0, below=1)  # the family-wise false-alarm rate (Holm)
+    worst_inputs: int = _check(at_least=1, at_most=64, why="one row of the report")
 
 
 @dataclass(frozen=True)
@@ -145,6 +157,7 @@ class Params:
     registry: RegistryConfig
     sweep: SweepConfig
     serve: ServeConfig
+    monitor: MonitorConfig
 
     def flat(self) -> dict[str, Any]:
         """`section.key -> value`, the form MLflow logs params in."""

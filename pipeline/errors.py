@@ -8,6 +8,7 @@ keeps its traceback.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import os
@@ -152,6 +153,20 @@ def _chain(exc: BaseException) -> list[BaseException]:
 
 
 _FREE_SPACE = "free some space and run it again (training resumes from its last finished epoch)"
+
+
+@contextlib.contextmanager
+def failing_with(code: int):
+    """Expected failures in the block exit with `code`: for a command whose exit 1 is an answer
+    (`monitor`: drift found), bad input and unusable stores exit 2."""
+    try:
+        yield
+    except BaseException as exc:  # noqa: BLE001 - sorted by explain, as in reports_errors
+        error = explain(exc)
+        if error is None or isinstance(error, Interrupted):
+            raise
+        error.exit_code = code
+        raise error from None
 
 
 def reports_errors(main: F) -> F:

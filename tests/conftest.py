@@ -89,3 +89,25 @@ def reproduced(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     result = dvc(repo, "repro", "--force-downstream", MNIST_VAE_EXACT="1")  # as make repro
     assert result.returncode == 0, result.stdout + result.stderr
     return repo, result.stdout
+
+
+@pytest.fixture(scope="module")
+def registered(tmp_path_factory: pytest.TempPathFactory, mlflow_template: Path) -> Path:
+    """A folder whose store has a tiny trained, evaluated model as models:/mnist-vae@champion
+    (trained once per test module that asks for it)."""
+    import torch
+
+    from pipeline.config import load_params
+    from pipeline.stages import train as train_stage
+    from pipeline.stages.evaluate import run_evaluation
+
+    work = make_workdir(tmp_path_factory.mktemp("registered"), mlflow_template)
+    write_params(work, train={"epochs": 1})
+    with pytest.MonkeyPatch.context() as patch:
+        patch.delenv("MLFLOW_TRACKING_URI", raising=False)
+        patch.chdir(work)
+        threads = torch.get_num_threads()
+        train_stage.train(load_params())
+        run_evaluation(load_params())  # the first model evaluated becomes @champion
+        torch.set_num_threads(threads)
+    return work

@@ -11,7 +11,7 @@ import typing
 from pathlib import Path
 
 from pipeline.config import ServeConfig
-from pipeline.errors import Interrupted, PipelineError, reports_errors
+from pipeline.errors import Interrupted, PipelineError, failing_with, reports_errors
 
 # Each command imports what it uses when it runs, so that `mnist-vae --help` and a usage error
 # answer at once instead of after loading torch, torchvision and MLflow. Every command that runs
@@ -57,6 +57,35 @@ def score(args: argparse.Namespace) -> None:
     rows = scoring.score_images(model, names, images, args.batch_size, args.samples, args.seed)
     write_csv(Path(args.output), rows, list(rows[0]))
     print(f"scored {len(rows)} images from {args.input} with {args.model}: {args.output}")
+
+
+def monitor(args: argparse.Namespace) -> None:
+    """Exit 0: no drift; 1: drift; 2: bad input, a model without a reference, an unusable store."""
+    from pipeline.commands import monitoring
+    from pipeline.config import load_params_with
+
+    with failing_with(2):
+        if args.make_reference:
+            print(monitoring.make_reference(args.model))
+            return
+        if args.input is None:
+            raise PipelineError("--input is required: a folder of PNGs, a .npy or a request log")
+        if args.last is not None and args.last < 1:
+            raise PipelineError(f"--last {args.last}: ask for at least one request")
+        overrides = {} if args.alpha is None else {"monitor.alpha": args.alpha}
+        settings = load_params_with(overrides, "the flags")
+        batch = monitoring.read_batch(Path(args.input), args.last, args.since)
+        cfg = settings.monitor
+        result = monitoring.monitor(args.model, batch, cfg.alpha, cfg.worst_inputs)
+        files = monitoring.write_report(result, Path(args.out))
+        verdict = result["verdict"]
+        print(f"{result['model']} on {batch.source}: {verdict.summary()}")
+        print(f"report: {files[0]} and {files[1]}")
+        if not args.no_log:
+            run_id = monitoring.log_report(args.model, verdict, files, batch.source)
+            print(f"logged to MLflow run {run_id} (under the model's run)")
+    if verdict.drift:
+        sys.exit(1)
 
 
 def serve(args: argparse.Namespace) -> None:
@@ -204,6 +233,18 @@ def parser() -> argparse.ArgumentParser:
     w.add_argument("--best", action="store_true", help="print the dvc exp run of the best trial")
     w.add_argument("--apply", action="store_true", help="run it: retrain the best at full length")
     w.set_defaults(run=sweep)
+    m = commands.add_parser("monitor", help="is a batch what the model was evaluated on? 0/1/2")
+    m.add_argument("--model", default="models:/mnist-vae@champion", help="an MLflow model URI")
+    m.add_argument("--input", help="a folder of PNGs, a .npy, or serve's request log (.jsonl)")
+    m.add_argument("--last", type=int, help="a request log's last N requests")
+    m.add_argument("--since", help="a request log's requests since 2h, 30m, 1d or an ISO time")
+    m.add_argument("--alpha", type=float, help="the false-alarm rate (default: monitor.alpha)")
+    m.add_argument("--out", default="monitor-report", help="the folder for report.png/.json")
+    m.add_argument("--no-log", action="store_true", help="write the report, log nothing")
+    m.add_argument(
+        "--make-reference", action="store_true", help="profile the test set for an older model"
+    )
+    m.set_defaults(run=monitor)
     v = commands.add_parser("serve", help="a registered model over MLflow's /invocations")
     v.add_argument("--model", default="models:/mnist-vae@champion", help="an MLflow model URI")
     v.add_argument("--port", type=int, default=5001, help="on 127.0.0.1 (only this machine)")

@@ -1,5 +1,6 @@
 """DVC stage `evaluate`: test-set metrics for DVC and for the MLflow run that trained the model,
-which the registry then holds as a new @candidate version."""
+which the registry then holds as a new @candidate version with its drift monitor's reference
+profile."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from pipeline.data.splits import load_test_set
 from pipeline.data.weights import load_vae
 from pipeline.errors import reports_errors
 from pipeline.paths import EVAL_BREAKDOWN, EVAL_METRICS, TEST_SPLIT, WEIGHTS
-from pipeline.tracking import registry, runs
+from pipeline.tracking import reference, registry, runs
 from pipeline.vae.evaluation import BREAKDOWNS, SCALAR_METRICS, evaluate
 
 
@@ -39,6 +40,11 @@ def run_evaluation(params: Params) -> dict:
         runs.log_evaluation(metrics, step=params.train.epochs)
         print(runs.describe_results(metrics))
         if attached:
+            profile = reference.make_profile(
+                reference.vae_predict(model), images.cpu().numpy(),
+                cfg.reference_images, cfg.reference_samples, cfg.seed,
+            )  # fmt: skip
+            reference.log_profile(profile)  # what `mnist-vae monitor` compares a batch with
             basis = registry.comparison_basis(params, TEST_SPLIT)
             run_id = run.info.run_id
             print(registry.register_evaluated(MlflowClient(), params, run_id, headline, basis))

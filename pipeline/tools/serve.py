@@ -31,7 +31,7 @@ import os
 import re
 import tempfile
 from collections.abc import Awaitable, Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from http import HTTPStatus
 from pathlib import Path
 from typing import Any
@@ -41,6 +41,7 @@ import orjson
 
 from pipeline.config import ServeConfig
 from pipeline.errors import first_line
+from pipeline.tools.request_log import RequestLog
 from pipeline.tools.scoring_requests import MESSAGE_CHARS, BadRequest, check_request, excerpt
 
 SETTINGS_ENV = "MNIST_VAE_SERVE_SETTINGS"  # how the parent hands the settings to its workers
@@ -60,8 +61,16 @@ Send = Callable[[dict], Awaitable[None]]
 class Guard:
     """ASGI middleware in front of MLflow's scoring app: see the module's docstring."""
 
-    def __init__(self, app: Any, settings: ServeConfig, model: Any, latent_dim: int) -> None:
+    def __init__(
+        self,
+        app: Any,
+        settings: ServeConfig,
+        model: Any,
+        latent_dim: int,
+        log: RequestLog | None = None,
+    ) -> None:
         self.app, self.settings, self.model, self.latent_dim = app, settings, model, latent_dim
+        self.log = log
 
     async def __call__(self, scope: dict, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -80,17 +89,26 @@ class Guard:
                 check_request, body, self.settings, self.latent_dim
             )
             if self.settings.handler == "mlflow":
+                await self.keep(rows, params, None)  # MLflow's handler answers: inputs only
                 return await self.app(scope, replay(body, receive), send)
-            answer = await self.predict(rows, params)
+            predictions = await self.predict(rows, params)
         except BadRequest as refused:
             return await respond(send, refused.status, str(refused))
         except (asyncio.TimeoutError, TimeoutError):
             return await respond(send, 408, "the body took too long to arrive")
+        await self.keep(rows, params, predictions)
+        answer = orjson.dumps({"predictions": predictions}, option=orjson.OPT_SERIALIZE_NUMPY)
         await send_json(send, 200, answer)
 
-    async def predict(self, rows: np.ndarray, params: dict[str, Any]) -> bytes:
+    async def keep(self, rows: np.ndarray, params: dict, predictions: Any) -> None:
+        """The request in `serve.request_log`, when there is one (off by default)."""
+        if self.log is not None:
+            method = params.get("method", "decode")
+            await asyncio.to_thread(self.log.append, method, params, rows, predictions)
+
+    async def predict(self, rows: np.ndarray, params: dict[str, Any]) -> np.ndarray:
         """The model on the rows already checked, as MLflow's handler would answer, without
-        parsing them again: {"predictions": ...}."""
+        parsing them again."""
         from mlflow.exceptions import MlflowException
 
         work = asyncio.to_thread(self.model.predict, rows, params=params)
@@ -106,8 +124,7 @@ class Guard:
         except Exception as exc:  # a bug: the log keeps its traceback, the client gets a line
             logging.getLogger(__name__).exception("prediction failed")
             raise BadRequest(500, f"the model failed ({type(exc).__name__})") from None
-        predictions = np.ascontiguousarray(predictions)
-        return orjson.dumps({"predictions": predictions}, option=orjson.OPT_SERIALIZE_NUMPY)
+        return np.ascontiguousarray(predictions)
 
 
 def check_content_type(scope: dict) -> None:
@@ -212,6 +229,7 @@ class Settings:
     model_dir: str
     limits: dict[str, Any]
     threads: int
+    model: dict[str, Any]  # what the request log says answered: its URI, version and run
 
 
 def create_app() -> Guard:
@@ -228,7 +246,11 @@ def create_app() -> Guard:
     model = mlflow.pyfunc.load_model(settings.model_dir)
     latent_dim = int(model.metadata.metadata["latent_dim"])
     app = scoring_server.init(model)  # /ping, /health, /version, and /invocations for `mlflow`
-    return Guard(app, ServeConfig(**settings.limits), model, latent_dim)
+    limits = ServeConfig(**settings.limits)
+    log = None
+    if limits.request_log:
+        log = RequestLog(limits.request_log, limits.request_log_bytes, settings.model)
+    return Guard(app, limits, model, latent_dim, log)
 
 
 def serve(model_uri: str, port: int, settings: ServeConfig, ready: Callable[[], None]) -> None:
@@ -241,12 +263,15 @@ def serve(model_uri: str, port: int, settings: ServeConfig, ready: Callable[[], 
     from pipeline.tracking import store
 
     check_free(port, "mnist-vae serve")
+    if settings.request_log:  # the workers' working folder may differ; the file must not
+        settings = replace(settings, request_log=str(Path(settings.request_log).resolve()))
     with tempfile.TemporaryDirectory(prefix="mnist-vae-serve-") as folder:
         # Only downloaded here: loading a model puts its own copy of this package first on
         # sys.path, and the workers, which start from the parent's sys.path, would import that.
         local = store.download_model(model_uri, Path(folder))
         threads = max(1, (os.cpu_count() or 1) // settings.workers)
-        os.environ[SETTINGS_ENV] = json.dumps(asdict(Settings(local, asdict(settings), threads)))
+        served = Settings(local, asdict(settings), threads, describe(model_uri))
+        os.environ[SETTINGS_ENV] = json.dumps(asdict(served))
         timeout = str(math.ceil(settings.timeout_seconds))
         os.environ[MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT.name] = timeout
         ready()
@@ -260,3 +285,13 @@ def serve(model_uri: str, port: int, settings: ServeConfig, ready: Callable[[], 
             timeout_keep_alive=5,
             log_level="warning",
         )
+
+
+def describe(model_uri: str) -> dict[str, Any]:
+    """The served model as the request log names it: URI, registry version and run, when known."""
+    from pipeline.tracking.reference import run_of
+
+    if not model_uri.startswith(("models:/", "runs:/")):
+        return {"uri": model_uri, "version": None, "run_id": None}
+    run_id, version = run_of(model_uri)
+    return {"uri": model_uri, "version": version, "run_id": run_id}

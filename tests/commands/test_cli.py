@@ -14,7 +14,7 @@ from pipeline import commands, runtime
 
 COMMANDS = {
     "promote", "generate", "score", "report", "paper", "explore", "sweep", "stack", "bench",
-    "serve", "loadtest",
+    "serve", "loadtest", "monitor",
 }  # fmt: skip
 
 

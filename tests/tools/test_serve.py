@@ -16,15 +16,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from helpers.repo import environment
-from helpers.workdir import make_workdir, write_params
-from pipeline.config import ServeConfig, load_params
-from pipeline.stages import train as train_stage
-from pipeline.stages.evaluate import run_evaluation
+from pipeline.config import ServeConfig
 from pipeline.tools.scoring_requests import (
     EXCERPT_CHARS,
     MESSAGE_CHARS,
@@ -189,21 +185,6 @@ def test_fuzzed_requests_are_either_good_or_refused_in_one_short_line(request, n
 
 
 # A real server: `python -m pipeline serve` on a tiny registered model.
-
-
-@pytest.fixture(scope="module")
-def registered(tmp_path_factory: pytest.TempPathFactory, mlflow_template: Path) -> Path:
-    """A folder whose store has a tiny trained model as models:/mnist-vae@champion."""
-    work = make_workdir(tmp_path_factory.mktemp("serve"), mlflow_template)
-    write_params(work, train={"epochs": 1})
-    with pytest.MonkeyPatch.context() as patch:
-        patch.delenv("MLFLOW_TRACKING_URI", raising=False)
-        patch.chdir(work)
-        threads = torch.get_num_threads()
-        train_stage.train(load_params())
-        run_evaluation(load_params())  # the first model evaluated becomes @champion
-        torch.set_num_threads(threads)
-    return work
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,146 @@
+"""The reference profile `mnist-vae monitor` compares a batch with: what an evaluated model makes of
+test digits it never trained on, logged with the model's MLflow run as safetensors (no pickle).
+
+A profile is each reference image's score (the negative ELBO in nats, `samples` seeded draws of z,
+as the pyfunc model's `score` computes it) and posterior mean. The reference is a seeded half of the
+test set at most (`evaluate.reference_images`); the other half is never profiled, so that clean
+batches drawn from it measure the monitor's false-alarm rate honestly.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import torch
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from pipeline.data.files import read_tensors, write_tensors
+from pipeline.errors import PipelineError, RegistryError, first_line
+from pipeline.tracking import pyfunc, store
+from pipeline.vae.model import VAE
+
+ARTIFACT_DIR = "monitoring"
+ARTIFACT = f"{ARTIFACT_DIR}/reference.safetensors"
+CHUNK = 1000  # images per predict call: the profile and a monitored batch are scored alike
+
+Predict = Callable[[np.ndarray, dict], np.ndarray]  # a pyfunc model's predict(data, params)
+
+
+@dataclass(frozen=True)
+class Profile:
+    scores: np.ndarray  # (n,) negative ELBO per image, nats
+    means: np.ndarray  # (n, latent) posterior means
+    indices: np.ndarray  # (n,) which test images; for a monitored batch, empty
+    samples: int  # draws of z per score
+    seed: int
+
+
+def split_test_set(n_test: int, wanted: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices of the reference images (at most half the test set) and of the held-out rest.
+
+    Seeded and shuffled, not the first half: MNIST's first 5,000 test digits come from other
+    writers than its last 5,000 (LeCun et al.), so the halves in order are not alike."""
+    order = np.random.default_rng(seed).permutation(n_test)
+    n = min(wanted, n_test // 2)
+    return np.sort(order[:n]), np.sort(order[n:])
+
+
+def profile_images(predict: Predict, images: np.ndarray, samples: int, seed: int) -> Profile:
+    """Scores and posterior means of `images` (n, 784), in chunks of CHUNK, each seeded alike."""
+    scores, means = [], []
+    for start in range(0, len(images), CHUNK):
+        chunk = images[start : start + CHUNK]
+        scoring = {"method": "score", "samples": samples, "seed": seed}
+        scores.append(np.asarray(predict(chunk, scoring), dtype=np.float32))
+        means.append(np.asarray(predict(chunk, {"method": "encode"}), dtype=np.float32))
+    empty = np.zeros(0, dtype=np.int64)
+    return Profile(np.concatenate(scores), np.concatenate(means), empty, samples, seed)
+
+
+def make_profile(
+    predict: Predict, test_images: np.ndarray, wanted: int, samples: int, seed: int
+) -> Profile:
+    """The profile of a seeded half (at most) of the test set (n, 784)."""
+    indices, _ = split_test_set(len(test_images), wanted, seed)
+    return replace(profile_images(predict, test_images[indices], samples, seed), indices=indices)
+
+
+def vae_predict(model: VAE) -> Predict:
+    """A trained VAE scored exactly as its logged pyfunc model scores (`pyfunc.run_method`)."""
+    model = model.cpu()
+    return lambda data, params: pyfunc.run_method(model, data, params)
+
+
+def model_predict(model: mlflow.pyfunc.PyFuncModel) -> Predict:
+    return lambda data, params: model.predict(data, params=params)
+
+
+def log_profile(profile: Profile) -> None:
+    """The profile as `monitoring/reference.safetensors` in the active run's artifacts."""
+    tensors = {
+        "scores": torch.from_numpy(profile.scores),
+        "means": torch.from_numpy(profile.means),
+        "indices": torch.from_numpy(profile.indices),
+    }
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "reference.safetensors"
+        write_tensors(path, tensors, {"samples": profile.samples, "seed": profile.seed})
+        mlflow.log_artifact(str(path), ARTIFACT_DIR)
+
+
+def run_of(model_uri: str, client: MlflowClient | None = None) -> tuple[str, str | None]:
+    """The MLflow run that logged a `models:/name@alias`, `models:/name/N` or `runs:/ID/...`
+    model, and its registry version (None for a run's URI)."""
+    client = client or MlflowClient()
+    if model_uri.startswith("runs:/"):
+        return model_uri.removeprefix("runs:/").split("/")[0], None
+    if not model_uri.startswith("models:/"):
+        raise PipelineError(
+            f"{model_uri}: the monitor needs a model logged in MLflow (models:/NAME@ALIAS, "
+            "models:/NAME/VERSION or runs:/RUN_ID/model), where its reference profile is kept"
+        )
+    name, _, alias = model_uri.removeprefix("models:/").partition("@")
+    try:
+        if alias:
+            version = client.get_model_version_by_alias(name, alias)
+        else:
+            name, _, number = name.partition("/")
+            version = client.get_model_version(name, number)
+    except MlflowException as exc:
+        store.reraise_refusal(exc)
+        raise RegistryError(f"{model_uri}: not in the registry ({first_line(exc)})") from None
+    return version.run_id, version.version
+
+
+def load_profile(model_uri: str) -> Profile:
+    """The reference profile logged with the model's run; one line when it has none."""
+    run_id, _ = run_of(model_uri)
+    with tempfile.TemporaryDirectory() as folder:
+        try:
+            path = mlflow.artifacts.download_artifacts(
+                run_id=run_id, artifact_path=ARTIFACT, dst_path=folder
+            )
+        except (MlflowException, OSError) as exc:
+            if isinstance(exc, MlflowException):
+                store.reraise_refusal(exc)
+            raise RegistryError(
+                f"{model_uri} (run {run_id[:8]}) has no reference profile ({ARTIFACT}): it was "
+                "evaluated before the monitor existed; make one with `mnist-vae monitor --model "
+                f"{model_uri} --make-reference` (it profiles data/processed's test set)"
+            ) from None
+        tensors, meta = read_tensors(
+            path, f"mnist-vae monitor --model {model_uri} --make-reference"
+        )
+    return Profile(
+        tensors["scores"].numpy(),
+        tensors["means"].numpy(),
+        tensors["indices"].numpy(),
+        int(meta["samples"]),
+        int(meta["seed"]),
+    )
