@@ -115,7 +115,7 @@ def run_of(model_uri: str, client: MlflowClient | None = None) -> tuple[str, str
     except MlflowException as exc:
         store.reraise_refusal(exc)
         raise RegistryError(f"{model_uri}: not in the registry ({first_line(exc)})") from None
-    return version.run_id, version.version
+    return version.run_id, str(version.version)
 
 
 def load_profile(model_uri: str) -> Profile:

@@ -200,6 +200,40 @@ def test_the_champion_scores_digits_far_below_noise_and_rotated_digits(champion:
     assert np.abs(reconstructed - digits).mean() < np.abs(rotated - digits).mean() / 2
 
 
+def test_the_monitor_passes_clean_unseen_digits_and_flags_every_shift(
+    champion: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Batches of 1,000 test digits the reference profile left out: as they are, under each shift
+    of docs/monitoring.md, and with 10% of them shifted."""
+    from pipeline.commands.monitoring import Batch, monitor
+    from pipeline.tools.drift_figures import SHIFTS
+    from pipeline.tracking import reference
+
+    monkeypatch.chdir(champion)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    uri = "models:/mnist-vae@champion"
+    mlflow.set_tracking_uri(f"sqlite:///{champion / 'mlflow.db'}")
+    indices = reference.load_profile(uri).indices
+    images = splits.load_split(champion / TEST_SPLIT)[0].numpy()
+    unseen = np.setdiff1d(np.arange(len(images)), indices)
+    assert len(indices) == len(unseen) == 5000
+    rng = np.random.default_rng(0)
+    rows = rng.choice(unseen, 1000, replace=False)
+
+    def verdict(batch: np.ndarray):
+        names = [str(i) for i in range(len(batch))]
+        return monitor(uri, Batch(names, batch, "a batch", []), 0.05, 8)["verdict"]
+
+    clean = verdict(images[rows])
+    assert not clean.drift and min(t.p_holm for t in clean.tests) > 0.2, clean.summary()
+    for name, shift in SHIFTS.items():
+        assert verdict(shift(images[rows], rng)).drift, name
+    mixed = images[rows].copy()
+    for i, shift in zip(range(0, 100, 20), SHIFTS.values(), strict=True):
+        mixed[i : i + 20] = shift(mixed[i : i + 20], rng)  # 10%: 20 digits under each shift
+    assert verdict(mixed).drift
+
+
 def post(port: int, body: dict) -> np.ndarray:
     request = urllib.request.Request(
         f"http://127.0.0.1:{port}/invocations",

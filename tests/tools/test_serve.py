@@ -31,7 +31,7 @@ from pipeline.tools.servers import free_port
 
 LIMITS = ServeConfig(
     workers=1, timeout_seconds=1.0, max_body_bytes=200_000, max_rows=8, max_samples=10,
-    max_concurrency=4, handler="direct",
+    max_concurrency=4, handler="direct", request_log="", request_log_bytes=1 << 24,
 )  # fmt: skip
 LATENT = 4
 DIGIT = [0.5] * 784
@@ -191,7 +191,8 @@ def test_fuzzed_requests_are_either_good_or_refused_in_one_short_line(request, n
 def server(registered: Path) -> Iterator[str]:
     work = registered
     port = free_port()
-    flags = [f"--{key.replace('_', '-')}={value}" for key, value in asdict(LIMITS).items()]
+    limits = asdict(LIMITS) | {"request_log": "requests.jsonl"}  # what `monitor` reads
+    flags = [f"--{key.replace('_', '-')}={value}" for key, value in limits.items()]
     command = [sys.executable, "-m", "pipeline", "serve", "--port", str(port), *flags]
     process = subprocess.Popen(command, cwd=work, env=environment(), stderr=subprocess.PIPE)
     url = f"127.0.0.1:{port}"
@@ -411,3 +412,40 @@ def test_fuzzed_requests_get_an_answer_or_a_short_refusal_from_the_live_server(
     assert answer in (200, 400) and seconds < 2, (answer, text[:200])
     if answer == 400:
         one_line_and_short(json.loads(text)["message"])
+
+
+@pytest.mark.slow
+def test_the_request_log_round_trips_into_monitor(
+    server: str, registered: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    from pipeline import commands
+    from pipeline.data.splits import load_split
+    from pipeline.paths import TEST_SPLIT
+    from pipeline.tools.request_log import decode_array, read_requests
+
+    digits = load_split(registered / TEST_SPLIT)[0][:32].numpy()
+    answers = []
+    for rows in np.split(digits, 4):  # four requests of max_rows images
+        body = {"inputs": rows.tolist(), "params": {"method": "score", "samples": 2}}
+        answer, text, _ = post(server, json.dumps(body).encode())
+        assert answer == 200
+        answers.append(np.asarray(json.loads(text)["predictions"], dtype=np.float32))
+    log = registered / "requests.jsonl"
+    logged = read_requests(log, last=4)
+    assert np.array_equal(logged.images, digits)
+    assert logged.models == ["models:/mnist-vae@champion version 1"]
+    records = [json.loads(line) for line in log.read_text().splitlines()[-4:]]
+    outputs = [decode_array(r["outputs"]) for r in records]
+    assert all(np.array_equal(a, b) for a, b in zip(answers, outputs, strict=True))
+    assert {r["params"]["samples"] for r in records} == {2}
+    monkeypatch.chdir(registered)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    with pytest.raises(SystemExit) as exited:
+        commands.main(["monitor", "--input", str(log), "--last", "4", "--no-log"])
+        raise SystemExit(0)  # no drift: main returns
+    printed = capsys.readouterr().out
+    assert exited.value.code in (0, 1), printed
+    assert f"{log} (4 requests, last 4 requests)" in printed
+    report = json.loads((registered / "monitor-report" / "report.json").read_text())
+    assert report["verdict"]["images"] == 32
+    assert report["served_by"] == ["models:/mnist-vae@champion version 1"]
