@@ -1,5 +1,6 @@
 """`mnist-vae <command>` (or `python -m pipeline <command>`): what people do around the pipeline:
-promote and use trained models, report on a run, the paper's protocol, the team stack, the bench."""
+promote and use trained models, watch them for drift, report on a run, the paper's protocol, the
+team stack, the bench."""
 
 from __future__ import annotations
 

@@ -70,8 +70,10 @@ class RequestLog:
             size = self.path.stat().st_size if self.path.exists() else 0
             if size + len(line) > self.half:
                 os.replace(self.path, rotated(self.path))
-            with open(self.path, "ab") as log:
-                log.write(line)  # one write: a reader never sees half of it from this process
+            # 0600: the log holds what clients sent. One write: no half line from this process.
+            descriptor = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            with os.fdopen(descriptor, "ab") as log:
+                log.write(line)
 
 
 @dataclass(frozen=True)

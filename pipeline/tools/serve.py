@@ -18,7 +18,8 @@ the answer with `json`, 30-40 ms of CPU around a 2 ms prediction of 32 digits (d
 `handler: mlflow` hands it to MLflow's handler instead. Connections beyond `serve.max_concurrency`
 per worker get 503 from uvicorn at once; a prediction past `serve.timeout_seconds` gets 504. The
 model is downloaded once, then each worker loads it from that folder with torch on cores / workers
-threads.
+threads. With `serve.request_log`, every checked request and its answer is kept for
+`mnist-vae monitor` (tools/request_log.py).
 """
 
 from __future__ import annotations

@@ -26,6 +26,7 @@ def test_inputs_and_outputs_come_back_bit_for_bit(tmp_path: Path) -> None:
     sent = images(3)
     log.append("score", {"method": "score", "samples": 4}, sent, np.array([101.5, 99.0, 3e3]))
     log.append("decode", {"method": "decode"}, images(2)[:, :4], images(2))  # latent: skipped
+    assert (tmp_path / "requests.jsonl").stat().st_mode & 0o777 == 0o600  # what clients sent
     record = orjson.loads((tmp_path / "requests.jsonl").read_bytes().splitlines()[0])
     assert record["model"] == MODEL and record["params"]["samples"] == 4
     logged = read_requests(tmp_path / "requests.jsonl")
