@@ -118,7 +118,7 @@ loadtest: $(INSTALLED)
 
 # The drift monitor's false alarms and power on shifted test digits, for @champion (docs/monitoring.md).
 monitor-figures: $(INSTALLED)
-	python -m pipeline.tools.drift_figures
+	python -m pipeline.tools.drift_power
 
 # PostgreSQL, SeaweedFS (S3) and an MLflow server on 127.0.0.1, state in .stack/; Ctrl-C stops them.
 stack: $(INSTALLED)

@@ -15,6 +15,7 @@ import os
 import re
 import signal
 import sys
+import traceback
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -158,13 +159,18 @@ _FREE_SPACE = "free some space and run it again (training resumes from its last 
 @contextlib.contextmanager
 def failing_with(code: int):
     """Expected failures in the block exit with `code`: for a command whose exit 1 is an answer
-    (`monitor`: drift found), bad input and unusable stores exit 2."""
+    (`monitor`: drift found), bad input, unusable stores and bugs exit 2."""
     try:
         yield
+    except SystemExit:
+        raise
     except BaseException as exc:  # noqa: BLE001 - sorted by explain, as in reports_errors
         error = explain(exc)
-        if error is None or isinstance(error, Interrupted):
+        if isinstance(error, Interrupted):
             raise
+        if error is None:  # a bug: its traceback, and still not the exit that is an answer
+            traceback.print_exc()
+            sys.exit(code)
         error.exit_code = code
         raise error from None
 

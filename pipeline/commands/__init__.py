@@ -12,7 +12,7 @@ import typing
 from pathlib import Path
 
 from pipeline.config import ServeConfig
-from pipeline.errors import Interrupted, PipelineError, failing_with, reports_errors
+from pipeline.errors import Interrupted, PipelineError, explain, failing_with, reports_errors
 
 # Each command imports what it uses when it runs, so that `mnist-vae --help` and a usage error
 # answer at once instead of after loading torch, torchvision and MLflow. Every command that runs
@@ -61,7 +61,8 @@ def score(args: argparse.Namespace) -> None:
 
 
 def monitor(args: argparse.Namespace) -> None:
-    """Exit 0: no drift; 1: drift; 2: bad input, a model without a reference, an unusable store."""
+    """Exit 0: no drift; 1: drift; 2: anything else (bad input, a model without a reference, an
+    unusable store, a bug), so that a failure is never read as drift."""
     from pipeline.commands import monitoring
     from pipeline.config import load_params_with
 
@@ -74,18 +75,22 @@ def monitor(args: argparse.Namespace) -> None:
         if args.last is not None and args.last < 1:
             raise PipelineError(f"--last {args.last}: ask for at least one request")
         overrides = {} if args.alpha is None else {"monitor.alpha": args.alpha}
-        settings = load_params_with(overrides, "the flags")
+        cfg = load_params_with(overrides, "the flags").monitor
         batch = monitoring.read_batch(Path(args.input), args.last, args.since)
-        cfg = settings.monitor
         result = monitoring.monitor(args.model, batch, cfg.alpha, cfg.worst_inputs)
         files = monitoring.write_report(result, Path(args.out))
-        verdict = result["verdict"]
-        print(f"{result['model']} on {batch.source}: {verdict.summary()}")
-        print(f"report: {files[0]} and {files[1]}")
+        print(f"{result.describe_model()} on {batch.source}: {result.verdict.summary()}")
+        print(f"report: {files[0]} and {files[1]}", flush=True)
         if not args.no_log:
-            run_id = monitoring.log_report(args.model, verdict, files, batch.source)
-            print(f"logged to MLflow run {run_id} (under the model's run)")
-    if verdict.drift:
+            try:
+                run_id = monitoring.log_report(result, files)
+                print(f"logged to MLflow run {run_id}, under the model's run")
+            except Exception as exc:  # noqa: BLE001 - the decision stands; say why it is not logged
+                error = explain(exc)
+                if error is None or result.verdict.drift is False:
+                    raise  # no drift, but not logged: the job failed (exit 2)
+                print(f"error: not logged to MLflow: {error}", file=sys.stderr)
+    if result.verdict.drift:
         sys.exit(1)
 
 
@@ -238,7 +243,9 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("--model", default="models:/mnist-vae@champion", help="an MLflow model URI")
     m.add_argument("--input", help="a folder of PNGs, a .npy, or serve's request log (.jsonl)")
     m.add_argument("--last", type=int, help="a request log's last N requests")
-    m.add_argument("--since", help="a request log's requests since 2h, 30m, 1d or an ISO time")
+    m.add_argument(
+        "--since", help="a request log's since 30m, 2h, 1d, or a time (UTC unless given)"
+    )
     m.add_argument("--alpha", type=float, help="the false-alarm rate (default: monitor.alpha)")
     m.add_argument("--out", default="monitor-report", help="the folder for report.png/.json")
     m.add_argument("--no-log", action="store_true", help="write the report, log nothing")

@@ -4,19 +4,23 @@ a run nested under the monitored model's run."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import mlflow
 import numpy as np
 
-from pipeline.data.files import atomic_path, write_json
+from pipeline.data.files import write_json
 from pipeline.errors import PipelineError
 from pipeline.tracking import reference, store
 from pipeline.vae.drift import Verdict, compare
-from pipeline.vae.drift_figure import drift_report
+from pipeline.vae.drift_report import drift_report
 
 MIN_IMAGES = 20  # fewer cannot tell anything from the reference at any usual alpha
+LOG_SUFFIXES = (".jsonl", ".jsonl.1")  # serve's request log and its rotated copy
 
 
 @dataclass(frozen=True)
@@ -32,10 +36,11 @@ def read_batch(source: Path, last: int | None, since: str | None) -> Batch:
     from pipeline.commands.scoring import read_images
     from pipeline.tools.request_log import read_requests
 
-    if source.suffix == ".jsonl" or source.name.endswith(".jsonl.1"):
+    if source.name.endswith(LOG_SUFFIXES):
         logged = read_requests(source, last, since)
         window = f", last {last} requests" if last else f", since {since}" if since else ""
-        described = f"{source} ({logged.requests} requests{window})"
+        repeats = f", {logged.repeats} repeated images left out" if logged.repeats else ""
+        described = f"{source} ({logged.requests} requests{window}{repeats})"
         return Batch(logged.names, logged.images, described, logged.models)
     if last is not None or since is not None:
         raise PipelineError(f"--last and --since read a request log (.jsonl), not {source}")
@@ -51,75 +56,119 @@ def check_size(batch: Batch) -> None:
         )
 
 
-def monitor(model_uri: str, batch: Batch, alpha: float, worst_inputs: int) -> dict:
-    """The verdict on `batch` with everything the report shows, as one JSON-able dict."""
+@dataclass(frozen=True)
+class Result:
+    model: reference.Resolved
+    batch: Batch
+    verdict: Verdict
+    profile: reference.Profile  # the reference's
+    found: reference.Profile  # the batch's
+    worst: np.ndarray  # row numbers, highest score first
+    reconstructions: np.ndarray
+
+    def describe_model(self) -> str:
+        version = f"version {self.model.version}, " if self.model.version else ""
+        return f"{self.model.uri} ({version}run {self.model.run_id[:8]})"
+
+    def as_dict(self) -> dict:
+        ref = self.profile.scores
+        return {
+            "drift": self.verdict.drift,
+            "summary": self.verdict.summary(),
+            "model": asdict(self.model),
+            "input": self.batch.source,
+            "served_by": self.batch.models,
+            "worst": [
+                {
+                    "name": self.batch.names[i],
+                    "score": float(self.found.scores[i]),
+                    "reference_percentile": float((ref < self.found.scores[i]).mean() * 100),
+                }
+                for i in self.worst
+            ],
+            "verdict": self.verdict.as_dict(),
+        }
+
+
+def monitor(model_uri: str, batch: Batch, alpha: float, worst_inputs: int) -> Result:
+    """The verdict on `batch`, with what the report shows. An alias is resolved once: a promotion
+    meanwhile cannot make the batch scored by one version and compared with another's profile."""
     check_size(batch)
-    model = store.load_model(model_uri)
-    ref = reference.load_profile(model_uri)
-    predict = reference.model_predict(model)
-    found = reference.profile_images(predict, batch.images, ref.samples, ref.seed)
-    if found.means.shape[1] != ref.means.shape[1]:
-        raise PipelineError(f"{model_uri}: its reference profile is of another latent size")
-    verdict = compare(ref.scores, ref.means, found.scores, found.means, alpha)
-    order = np.argsort(found.scores)[::-1][:worst_inputs]
-    worst = batch.images[order]
-    recon = np.asarray(model.predict(worst, params={"method": "reconstruct"}), dtype=np.float32)
-    return {
-        "model": store.describe_model(model_uri),
-        "input": batch.source,
-        "served_by": batch.models,
-        "verdict": verdict,
-        "worst": [
-            {
-                "name": batch.names[i],
-                "score": float(found.scores[i]),
-                "reference_percentile": float((ref.scores < found.scores[i]).mean() * 100),
-            }
-            for i in order
-        ],
-        "arrays": (ref, found, worst, recon),
-    }
+    store.check_reachable(store.tracking_uri())
+    mlflow.set_tracking_uri(store.tracking_uri())
+    model = reference.resolve(model_uri)
+    profile = reference.load_profile(model)
+    pyfunc = store.load_model(model.uri)
+    found = reference.profile_images(
+        reference.model_predict(pyfunc), batch.images, profile.samples, profile.seed
+    )
+    if found.means.shape[1] != profile.means.shape[1]:
+        raise PipelineError(f"{model.uri}: its reference profile is of another latent size")
+    verdict = compare(profile.scores, profile.means, found.scores, found.means, alpha)
+    worst = np.argsort(found.scores)[::-1][:worst_inputs]
+    shown = batch.images[worst]
+    reconstructions = np.asarray(
+        pyfunc.predict(shown, params={"method": "reconstruct"}), dtype=np.float32
+    )
+    return Result(model, batch, verdict, profile, found, worst, reconstructions)
 
 
-def write_report(result: dict, out: Path) -> tuple[Path, Path]:
-    """report.json (the decision and every test) and report.png in `out`, each atomically."""
-    verdict: Verdict = result["verdict"]
-    ref, found, worst, recon = result["arrays"]
+def write_report(result: Result, out: Path) -> tuple[Path, Path]:
+    """report.png and report.json in `out`, 0600 (they show clients' inputs): written in a new
+    folder beside it that then takes its place, so `out` holds one whole report or the last."""
     fig = drift_report(
-        verdict, ref.scores, ref.means, found.scores, found.means, worst, recon,
-        f"{result['model']} on {result['input']}",
+        result.verdict, result.profile.scores, result.profile.means, result.found.scores,
+        result.found.means, result.batch.images[result.worst], result.reconstructions,
+        f"{result.describe_model()} on {result.batch.source}",
     )  # fmt: skip
-    picture, text = out / "report.png", out / "report.json"
-    with atomic_path(picture) as tmp:
-        fig.savefig(tmp, format="png", dpi=90)
-    summary = {key: value for key, value in result.items() if key not in ("verdict", "arrays")}
-    write_json(text, {"drift": verdict.drift, "summary": verdict.summary()} | summary | {
-        "verdict": verdict.as_dict()
-    })  # fmt: skip
-    return picture, text
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    except OSError as exc:
+        raise PipelineError(
+            f"--out {out}: cannot write the report there ({exc.strerror})"
+        ) from None
+    try:
+        fig.savefig(staging / "report.png", format="png", dpi=90)
+        write_json(staging / "report.json", result.as_dict())
+        for path in staging.iterdir():
+            path.chmod(0o600)
+        if out.is_dir():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            out.rename(old)
+            staging.rename(out)
+            shutil.rmtree(old)
+        else:
+            staging.rename(out)
+    except OSError as exc:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise PipelineError(
+            f"--out {out}: cannot write the report there ({exc.strerror})"
+        ) from None
+    return out / "report.png", out / "report.json"
 
 
-def log_report(model_uri: str, verdict: Verdict, files: tuple[Path, Path], source: str) -> str:
-    """A run nested under the monitored model's run, with the report, its figures and tags that
-    name the model version; its id."""
-    run_id, version = reference.run_of(model_uri)
-    experiment = mlflow.get_run(run_id).info.experiment_id
+def log_report(result: Result, files: tuple[Path, Path]) -> str:
+    """A run nested under the monitored model's run, with the report and tags that name the model
+    version; its id."""
+    verdict, model = result.verdict, result.model
+    experiment = mlflow.get_run(model.run_id).info.experiment_id
     tags = {
-        "mlflow.parentRunId": run_id,
-        "monitor.model_uri": model_uri,
-        "monitor.model_version": version or "",
+        "mlflow.parentRunId": model.run_id,
+        "monitor.model_uri": model.uri,
+        "monitor.model_version": model.version or "",
         "monitor.decision": "drift" if verdict.drift else "no drift",
     }
-    name = f"monitor {'v' + version if version else run_id[:8]}: {verdict.images} images"
+    which = f"v{model.version}" if model.version else model.run_id[:8]
+    name = f"monitor {which}: {verdict.images} images"
     with mlflow.start_run(experiment_id=experiment, run_name=name, tags=tags) as run:
-        mlflow.log_params({"alpha": verdict.alpha, "input": source[:500]})
-        flagged = sum(t.flagged for t in verdict.tests)
+        mlflow.log_params({"alpha": verdict.alpha, "input": result.batch.source[:500]})
         mlflow.log_metrics(
             {
                 "drift": float(verdict.drift),
                 "images": verdict.images,
                 "share_above_p99": verdict.share_above,
-                "tests_flagged": flagged,
+                "tests_flagged": sum(t.flagged for t in verdict.tests),
                 "smallest_p_holm": min(t.p_holm for t in verdict.tests),
             }
             | {f"p_holm/{t.name}": t.p_holm for t in verdict.tests}
@@ -137,15 +186,17 @@ def make_reference(model_uri: str) -> str:
     from pipeline.paths import TEST_SPLIT
 
     params = load_params()
-    model = store.load_model(model_uri)
-    run_id, _ = reference.run_of(model_uri)
+    mlflow.set_tracking_uri(store.tracking_uri())
+    model = reference.resolve(model_uri)
+    pyfunc = store.load_model(model.uri)
     binarize = params.data.binarize == "dynamic"
     images, _ = load_test_set(TEST_SPLIT, binarize, params.data.binarize_seed, "cpu")
     cfg = params.evaluate
     profile = reference.make_profile(
-        reference.model_predict(model), images.numpy(),
+        reference.model_predict(pyfunc), images.numpy(),
         cfg.reference_images, cfg.reference_samples, cfg.seed,
     )  # fmt: skip
-    with mlflow.start_run(run_id=run_id):
+    with mlflow.start_run(run_id=model.run_id):
         reference.log_profile(profile)
-    return f"logged a reference profile of {len(profile.indices)} test images to run {run_id[:8]}"
+    n = len(profile.indices)
+    return f"logged a reference profile of {n} test images to run {model.run_id[:8]}"

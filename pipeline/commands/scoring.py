@@ -26,6 +26,8 @@ def read_images(source: Path) -> tuple[list[str], np.ndarray]:
         pixels = array.reshape(len(array), 784).astype(np.float32)
         if array.dtype == np.uint8:
             pixels /= 255.0
+        if not np.isfinite(pixels).all():
+            raise PipelineError(f"{source}: NaN or infinite values; give uint8 or [0, 1] floats")
         if pixels.min() < 0 or pixels.max() > 1:
             raise PipelineError(f"{source}: values outside [0, 1]; give uint8 or [0, 1] floats")
         return [f"{source.name}[{i}]" for i in range(len(pixels))], pixels

@@ -11,11 +11,15 @@ starts, so the two together stay within the bound.
 from __future__ import annotations
 
 import base64
+import binascii
+import contextlib
 import datetime as dt
 import fcntl
+import hashlib
 import logging
 import os
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,6 +46,20 @@ def rotated(path: Path) -> Path:
     return path.with_name(path.name + ".1")
 
 
+@contextlib.contextmanager
+def locked(path: Path):
+    """The log's exclusive lock (a `.lock` file beside it), held for the block; a reader that may
+    not create it (another user's log) reads without it."""
+    try:
+        held = open(path.with_name(path.name + ".lock"), "a")  # noqa: SIM115 - closed below
+    except PermissionError:
+        yield
+        return
+    with held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # released when `held` closes
+        yield
+
+
 class RequestLog:
     """Appends one request a line; safe for several processes (see the module's docstring)."""
 
@@ -64,15 +82,16 @@ class RequestLog:
                 "request of %d bytes not logged: over half of serve.request_log_bytes", len(line)
             )
             return
-        lock = self.path.with_name(self.path.name + ".lock")
-        with open(lock, "a") as held:
-            fcntl.flock(held, fcntl.LOCK_EX)  # released when `held` closes
+        with locked(self.path):
             size = self.path.stat().st_size if self.path.exists() else 0
             if size + len(line) > self.half:
                 os.replace(self.path, rotated(self.path))
+                size = 0
             # 0600: the log holds what clients sent. One write: no half line from this process.
-            descriptor = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-            with os.fdopen(descriptor, "ab") as log:
+            descriptor = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
+            with os.fdopen(descriptor, "r+b") as log:
+                if size and os.pread(descriptor, 1, size - 1) != b"\n":
+                    line = b"\n" + line  # a writer died mid-line: its part stays a line of its own
                 log.write(line)
 
 
@@ -82,6 +101,7 @@ class Logged:
     images: np.ndarray  # (n, 784) float32
     requests: int
     models: list[str]  # the models that answered them, as logged
+    repeats: int  # images sent again (score then encode, a health check): counted once
 
 
 WINDOW = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhd])$")
@@ -92,7 +112,10 @@ def parse_since(text: str, now: dt.datetime) -> dt.datetime:
     """`30m`, `2h`, `1d` back from now, or an ISO 8601 time (UTC when it names no zone)."""
     found = WINDOW.match(text.strip())
     if found:
-        return now - dt.timedelta(seconds=float(found[1]) * UNITS[found[2]])
+        try:
+            return now - dt.timedelta(seconds=float(found[1]) * UNITS[found[2]])
+        except OverflowError:
+            return dt.datetime.min.replace(tzinfo=dt.timezone.utc)  # before any request
     try:
         moment = dt.datetime.fromisoformat(text)
     except ValueError:
@@ -104,45 +127,63 @@ def parse_since(text: str, now: dt.datetime) -> dt.datetime:
 
 def read_requests(path: Path, last: int | None = None, since: str | None = None) -> Logged:
     """The images of the logged image requests (encode, reconstruct, score), oldest first: the
-    last `last` requests, or those since `since`, or all the log and its rotated copy hold."""
+    last `last` requests, or those since `since`, or all the log and its rotated copy hold. An
+    image sent more than once counts once: the monitor's tests take the images as independent."""
     if not path.is_file():
         raise PipelineError(f"{path}: no such request log; set serve.request_log and serve")
-    records = []
-    for part in (rotated(path), path):
-        if part.is_file():
-            records += parse_lines(part)
+    parts = [rotated(path), path] if path.name.endswith(".jsonl") else [path]
+    with locked(parts[-1]):  # no rotation between reading the two files
+        texts = [(part, part.read_bytes()) for part in parts if part.is_file()]
+    records = [record for part, text in texts for record in parse_lines(part, text)]
     records = [r for r in records if r["method"] in IMAGE_METHODS]
     if since is not None:
         cutoff = parse_since(since, dt.datetime.now(dt.timezone.utc))
-        records = [r for r in records if dt.datetime.fromisoformat(r["time"]) >= cutoff]
+        records = [r for r in records if r["moment"] >= cutoff]
     if last is not None:
         records = records[-last:] if last > 0 else []
     if not records:
         raise PipelineError(f"{path}: no image requests (encode, reconstruct, score) in that range")
-    names, images = [], []
+    names, images, seen = [], [], set()
     for record in records:
-        rows = record["rows"]
-        names += [f"{record['time']} row {i}" for i in range(len(rows))]
-        images.append(rows)
+        for i, row in enumerate(record["rows"]):
+            digest = hashlib.blake2b(row.tobytes(), digest_size=16).digest()
+            if digest not in seen:
+                seen.add(digest)
+                names.append(f"{record['time']} row {i}")
+                images.append(row)
+    repeats = sum(len(r["rows"]) for r in records) - len(images)
     models = sorted({describe(record["model"]) for record in records})
-    return Logged(names, np.concatenate(images), len(records), models)
+    return Logged(names, np.stack(images), len(records), models, repeats)
 
 
-def parse_lines(path: Path) -> list[dict]:
-    lines = path.read_bytes().split(b"\n")
-    if lines[-1]:  # a line cut short by a crash mid-write: the rest is whole
-        lines = lines[:-1]
-    records = []
+REQUIRED = ("time", "model", "method", "params", "inputs")
+
+
+def parse_lines(path: Path, text: bytes) -> list[dict]:
+    """The log's records; a line a crashed writer left unfinished is skipped (stderr says how many),
+    a file with no record at all is refused in one line."""
+    lines = text.split(b"\n")
+    records, damaged = [], []
     for number, line in enumerate(lines, 1):
         if not line:
             continue
         try:
             record = orjson.loads(line)
-            records.append(record | {"rows": decode_array(record["inputs"])})
-        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
-            raise PipelineError(
-                f"{path}:{number}: not a request logged by mnist-vae serve; give its request_log"
-            ) from None
+            missing = [key for key in REQUIRED if key not in record]
+            if missing:
+                raise KeyError(missing[0])
+            moment = dt.datetime.fromisoformat(record["time"])
+            rows = decode_array(record["inputs"])
+            records.append(record | {"rows": rows, "moment": moment})
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, binascii.Error):
+            damaged.append(number)
+    if damaged and not records:
+        raise PipelineError(
+            f"{path}:{damaged[0]}: not a request logged by mnist-vae serve; give its request_log"
+        )
+    if damaged:
+        print(f"warning: {path}: {len(damaged)} damaged lines skipped (line {damaged[0]}, ...)",
+              file=sys.stderr)  # fmt: skip
     return records
 
 

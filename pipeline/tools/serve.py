@@ -41,9 +41,10 @@ import numpy as np
 import orjson
 
 from pipeline.config import ServeConfig
-from pipeline.errors import first_line
+from pipeline.errors import PipelineError, first_line
 from pipeline.tools.request_log import RequestLog
 from pipeline.tools.scoring_requests import MESSAGE_CHARS, BadRequest, check_request, excerpt
+from pipeline.tracking.pyfunc import DEFAULT_METHOD
 
 SETTINGS_ENV = "MNIST_VAE_SERVE_SETTINGS"  # how the parent hands the settings to its workers
 
@@ -71,7 +72,7 @@ class Guard:
         log: RequestLog | None = None,
     ) -> None:
         self.app, self.settings, self.model, self.latent_dim = app, settings, model, latent_dim
-        self.log = log
+        self.log, self.log_failures = log, 0
 
     async def __call__(self, scope: dict, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -102,10 +103,22 @@ class Guard:
         await send_json(send, 200, answer)
 
     async def keep(self, rows: np.ndarray, params: dict, predictions: Any) -> None:
-        """The request in `serve.request_log`, when there is one (off by default)."""
-        if self.log is not None:
-            method = params.get("method", "decode")
+        """The request in `serve.request_log`, when there is one (off by default). A log that
+        cannot be written (a full disk) costs the log, not the client's answer."""
+        if self.log is None:
+            return
+        method = params.get("method", DEFAULT_METHOD)
+        try:
             await asyncio.to_thread(self.log.append, method, params, rows, predictions)
+        except OSError as exc:
+            self.log_failures += 1
+            if self.log_failures in (1, 10, 100) or self.log_failures % 1000 == 0:
+                logging.getLogger(__name__).warning(
+                    "serve.request_log %s: %d requests not logged (%s)",
+                    self.log.path,
+                    self.log_failures,
+                    exc.strerror or exc,
+                )
 
     async def predict(self, rows: np.ndarray, params: dict[str, Any]) -> np.ndarray:
         """The model on the rows already checked, as MLflow's handler would answer, without
@@ -266,12 +279,14 @@ def serve(model_uri: str, port: int, settings: ServeConfig, ready: Callable[[], 
     check_free(port, "mnist-vae serve")
     if settings.request_log:  # the workers' working folder may differ; the file must not
         settings = replace(settings, request_log=str(Path(settings.request_log).resolve()))
+        check_log(Path(settings.request_log))
     with tempfile.TemporaryDirectory(prefix="mnist-vae-serve-") as folder:
         # Only downloaded here: loading a model puts its own copy of this package first on
         # sys.path, and the workers, which start from the parent's sys.path, would import that.
         local = store.download_model(model_uri, Path(folder))
         threads = max(1, (os.cpu_count() or 1) // settings.workers)
-        served = Settings(local, asdict(settings), threads, describe(model_uri))
+        named = describe(model_uri) if settings.request_log else {"uri": model_uri}
+        served = Settings(local, asdict(settings), threads, named)
         os.environ[SETTINGS_ENV] = json.dumps(asdict(served))
         timeout = str(math.ceil(settings.timeout_seconds))
         os.environ[MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT.name] = timeout
@@ -288,11 +303,27 @@ def serve(model_uri: str, port: int, settings: ServeConfig, ready: Callable[[], 
         )
 
 
-def describe(model_uri: str) -> dict[str, Any]:
-    """The served model as the request log names it: URI, registry version and run, when known."""
-    from pipeline.tracking.reference import run_of
+def check_log(path: Path) -> None:
+    """A request log `monitor` can read (.jsonl) that this user can write, before any worker
+    starts; one line naming serve.request_log otherwise."""
+    if not path.name.endswith(".jsonl"):
+        raise PipelineError(f"serve.request_log {path}: name it *.jsonl (what monitor reads)")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        os.close(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600))
+    except OSError as exc:
+        raise PipelineError(
+            f"serve.request_log {path}: cannot be written ({exc.strerror}); choose another file"
+        ) from None
 
-    if not model_uri.startswith(("models:/", "runs:/")):
+
+def describe(model_uri: str) -> dict[str, Any]:
+    """The served model as the request log names it: URI, registry version and run, when the
+    store can say (a URI it cannot resolve is logged as it is)."""
+    from pipeline.tracking.reference import resolve
+
+    try:
+        model = resolve(model_uri)
+    except PipelineError:
         return {"uri": model_uri, "version": None, "run_id": None}
-    run_id, version = run_of(model_uri)
-    return {"uri": model_uri, "version": version, "run_id": run_id}
+    return {"uri": model_uri, "version": model.version, "run_id": model.run_id}

@@ -32,9 +32,10 @@ from pipeline.data.weights import load_vae
 from pipeline.vae.model import IMAGE_DIM, VAE, loss_terms
 
 METHODS = ("decode", "encode", "reconstruct", "score")
+DEFAULT_METHOD = "decode"  # what a request without params asks for, as older clients do
 PARAMS = ParamSchema(
     [
-        ParamSpec("method", "string", "decode"),
+        ParamSpec("method", "string", DEFAULT_METHOD),
         ParamSpec("samples", "long", 1),  # score: draws of z per image
         ParamSpec("seed", "long", 0),  # score: the draws' seed
         ParamSpec("logvar", "boolean", False),  # encode: also return the log-variances
@@ -70,7 +71,7 @@ def as_batch(data: object, width: int, what: str) -> torch.Tensor:
 
 @torch.no_grad()
 def run_method(model: VAE, data: object, params: dict) -> np.ndarray:
-    method = params.get("method", "decode")
+    method = params.get("method", DEFAULT_METHOD)
     if method not in METHODS:
         raise invalid(f"method {method!r} is not one of {', '.join(METHODS)}")
     if method == "decode":

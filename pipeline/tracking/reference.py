@@ -94,53 +94,78 @@ def log_profile(profile: Profile) -> None:
         mlflow.log_artifact(str(path), ARTIFACT_DIR)
 
 
-def run_of(model_uri: str, client: MlflowClient | None = None) -> tuple[str, str | None]:
-    """The MLflow run that logged a `models:/name@alias`, `models:/name/N` or `runs:/ID/...`
-    model, and its registry version (None for a run's URI)."""
-    client = client or MlflowClient()
-    if model_uri.startswith("runs:/"):
-        return model_uri.removeprefix("runs:/").split("/")[0], None
-    if not model_uri.startswith("models:/"):
-        raise PipelineError(
-            f"{model_uri}: the monitor needs a model logged in MLflow (models:/NAME@ALIAS, "
-            "models:/NAME/VERSION or runs:/RUN_ID/model), where its reference profile is kept"
-        )
-    name, _, alias = model_uri.removeprefix("models:/").partition("@")
+@dataclass(frozen=True)
+class Resolved:
+    uri: str  # pinned: an alias becomes the version it names now, so that one run uses one model
+    run_id: str
+    version: str | None  # the registry's, when the URI names one
+
+
+def resolve(model_uri: str) -> Resolved:
+    """The model a URI names now: `models:/NAME@ALIAS` and `models:/NAME/N` through the registry,
+    any other form MLflow reads (`runs:/ID/model`, `models:/m-ID`, a stage) through its MLmodel."""
+    from mlflow.models import get_model_info
+
+    client = MlflowClient()
+    name, at, alias = model_uri.removeprefix("models:/").partition("@")
+    number = name.rpartition("/")[2]
     try:
-        if alias:
+        if model_uri.startswith("models:/") and at:
             version = client.get_model_version_by_alias(name, alias)
+        elif model_uri.startswith("models:/") and "/" in name and number.isdigit():
+            version = client.get_model_version(name.rpartition("/")[0], number)
         else:
-            name, _, number = name.partition("/")
-            version = client.get_model_version(name, number)
+            run_id = get_model_info(model_uri).run_id
+            if not run_id:
+                raise PipelineError(
+                    f"{model_uri}: not logged by an MLflow run, where a reference profile is "
+                    "kept; give models:/NAME@ALIAS, models:/NAME/VERSION or runs:/RUN_ID/model"
+                )
+            return Resolved(model_uri, run_id, None)
+    except (MlflowException, OSError) as exc:
+        if isinstance(exc, MlflowException):
+            store.reraise_refusal(exc)
+        raise RegistryError(f"{model_uri}: no such model ({first_line(exc)[:200]})") from None
+    pinned = f"models:/{version.name}/{version.version}"
+    return Resolved(pinned, version.run_id, str(version.version))
+
+
+def load_profile(model: Resolved) -> Profile:
+    """The reference profile logged with the model's run; one line when it has none."""
+    rebuild = f"mnist-vae monitor --model {model.uri} --make-reference"
+    try:
+        found = MlflowClient().list_artifacts(model.run_id, ARTIFACT_DIR)
     except MlflowException as exc:
         store.reraise_refusal(exc)
-        raise RegistryError(f"{model_uri}: not in the registry ({first_line(exc)})") from None
-    return version.run_id, str(version.version)
-
-
-def load_profile(model_uri: str) -> Profile:
-    """The reference profile logged with the model's run; one line when it has none."""
-    run_id, _ = run_of(model_uri)
+        raise RegistryError(
+            f"{model.uri}: its run's artifacts cannot be listed ({first_line(exc)})"
+        ) from None
+    if ARTIFACT not in {f.path for f in found}:
+        raise RegistryError(
+            f"{model.uri} (run {model.run_id[:8]}) has no reference profile ({ARTIFACT}): it was "
+            f"evaluated before the monitor existed; make one with `{rebuild}` (it profiles "
+            "data/processed's test set)"
+        )
     with tempfile.TemporaryDirectory() as folder:
         try:
             path = mlflow.artifacts.download_artifacts(
-                run_id=run_id, artifact_path=ARTIFACT, dst_path=folder
+                run_id=model.run_id, artifact_path=ARTIFACT, dst_path=folder
             )
-        except (MlflowException, OSError) as exc:
-            if isinstance(exc, MlflowException):
-                store.reraise_refusal(exc)
+        except MlflowException as exc:
+            store.reraise_refusal(exc)
             raise RegistryError(
-                f"{model_uri} (run {run_id[:8]}) has no reference profile ({ARTIFACT}): it was "
-                "evaluated before the monitor existed; make one with `mnist-vae monitor --model "
-                f"{model_uri} --make-reference` (it profiles data/processed's test set)"
+                f"{model.uri}: its reference profile cannot be downloaded ({first_line(exc)})"
             ) from None
-        tensors, meta = read_tensors(
-            path, f"mnist-vae monitor --model {model_uri} --make-reference"
+        tensors, meta = read_tensors(path, rebuild)
+    try:
+        return Profile(
+            tensors["scores"].numpy(),
+            tensors["means"].numpy(),
+            tensors["indices"].numpy(),
+            int(meta["samples"]),
+            int(meta["seed"]),
         )
-    return Profile(
-        tensors["scores"].numpy(),
-        tensors["means"].numpy(),
-        tensors["indices"].numpy(),
-        int(meta["samples"]),
-        int(meta["seed"]),
-    )
+    except (KeyError, TypeError, ValueError):
+        raise RegistryError(
+            f"{model.uri}: its reference profile is damaged; run `{rebuild}`"
+        ) from None

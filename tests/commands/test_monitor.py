@@ -49,12 +49,15 @@ def npy(folder: Path, rows: int, width: int = 784) -> str:
         (["--input", "{wide}"], "shape (30, 100); expected (n, 784)"),
         (["--input", "{npy}", "--alpha", "1.5"], "monitor.alpha"),
         (["--input", "log.jsonl"], "log.jsonl: no such request log"),
+        (["--input", "{nan}"], "NaN or infinite values"),
     ],
 )
 def test_bad_input_exits_2_in_one_line(
     args: list[str], said: str, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
     files = {"npy": npy(tmp_path, 30), "small": npy(tmp_path, 5), "wide": npy(tmp_path, 30, 100)}
+    files["nan"] = str(tmp_path / "nan.npy")
+    np.save(files["nan"], np.full((30, 784), np.nan, dtype=np.float32))
     code, _, err = monitor(capsys, *(a.format(**files) for a in args))
     assert code == 2
     assert said in one_line(err)
@@ -65,7 +68,7 @@ def test_a_model_outside_mlflow_exits_2_in_one_line(
     workdir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
     code, _, err = monitor(capsys, "--model", str(tmp_path), "--input", npy(tmp_path, 30))
-    assert code == 2 and "cannot load model" in one_line(err)
+    assert code == 2 and "no such model" in one_line(err)
 
 
 @pytest.fixture
@@ -82,7 +85,7 @@ def tiny_test_images(folder: Path) -> np.ndarray:
 
 @pytest.mark.slow
 def test_evaluate_logs_a_profile_the_served_model_computes_again_bit_for_bit(tiny: Path) -> None:
-    logged = reference.load_profile("models:/mnist-vae@champion")
+    logged = reference.load_profile(reference.resolve("models:/mnist-vae@champion"))
     images = tiny_test_images(tiny)
     assert len(logged.indices) == len(images) // 2  # a seeded half: the rest stays unseen
     model = mlflow.pyfunc.load_model("models:/mnist-vae@champion")
@@ -136,3 +139,25 @@ def test_a_model_without_a_profile_says_how_to_make_one(
     assert code == 0 and f"logged a reference profile of {half} test images" in printed
     code, printed, _ = monitor(capsys, "--input", str(batch), "--no-log", "--out", str(tmp_path))
     assert code in (0, 1) and (tmp_path / "report.json").is_file()
+
+
+@pytest.mark.slow
+def test_an_out_that_cannot_be_written_exits_2_and_keeps_the_last_report(
+    tiny: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    batch = tmp_path / "digits.npy"
+    np.save(batch, tiny_test_images(tiny))
+    taken = tmp_path / "a-file"
+    taken.write_text("mine")
+    code, _, err = monitor(capsys, "--input", str(batch), "--no-log", "--out", str(taken))
+    assert code == 2 and f"--out {taken}: cannot write the report" in one_line(err)
+    assert taken.read_text() == "mine"
+    out = tmp_path / "report"
+    code, _, _ = monitor(capsys, "--input", str(batch), "--no-log", "--out", str(out))
+    first = (out / "report.json").read_text()
+    assert code in (0, 1) and (out / "report.png").stat().st_mode & 0o777 == 0o600
+    code, _, _ = monitor(
+        capsys, "--input", str(batch), "--no-log", "--alpha", "0.01", "--out", str(out)
+    )
+    assert (out / "report.json").read_text() != first  # replaced whole
+    assert sorted(p.name for p in out.parent.iterdir() if p.name.startswith(".report")) == []

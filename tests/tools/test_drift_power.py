@@ -1,11 +1,11 @@
-"""The shifts the drift monitor's figures and tests are made of (tools/drift_figures.py)."""
+"""The shifts the drift monitor's figures and tests are made of (tools/drift_power.py)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from pipeline.tools.drift_figures import SHIFTS, thicker
+from pipeline.tools.drift_power import SHIFTS, thicker
 
 
 def digits() -> np.ndarray:
