@@ -219,10 +219,11 @@ def test_the_monitor_passes_clean_unseen_digits_and_flags_every_shift(
     assert len(indices) == len(unseen) == 5000
     rng = np.random.default_rng(0)
     rows = rng.choice(unseen, 1000, replace=False)
+    alpha = load_params(champion / "params.yaml").monitor.alpha
 
     def verdict(batch: np.ndarray):
         names = [str(i) for i in range(len(batch))]
-        return monitor(uri, Batch(names, batch, "a batch", []), 0.05, 8).verdict
+        return monitor(uri, Batch(names, batch, "a batch", []), alpha, 8).verdict
 
     clean = verdict(images[rows])
     assert not clean.drift, clean.summary()
