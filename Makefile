@@ -16,7 +16,7 @@ export UV_COMPILE_BYTECODE := 1
 # Stage commands in dvc.yaml call `python`: make it the virtual environment's.
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: venv browser qemu repro test test-fast lint format bench mutants promote report stack paper sweep explore serve loadtest monitor-figures clean lock-check upgrade
+.PHONY: venv browser qemu repro test test-fast lint format bench mutants promote report stack paper sweep explore serve loadtest drift-power clean lock-check upgrade
 
 venv: $(INSTALLED)
 
@@ -117,8 +117,8 @@ loadtest: $(INSTALLED)
 	mnist-vae loadtest
 
 # The drift monitor's false alarms and power on shifted test digits, for @champion (docs/monitoring.md).
-monitor-figures: $(INSTALLED)
-	python -m pipeline.tools.drift_power
+drift-power: $(INSTALLED)
+	mnist-vae drift-power
 
 # PostgreSQL, SeaweedFS (S3) and an MLflow server on 127.0.0.1, state in .stack/; Ctrl-C stops them.
 stack: $(INSTALLED)

@@ -187,6 +187,12 @@ def stack(args: argparse.Namespace) -> None:
     serve(args.root, args.mlflow_port, args.s3_port, args.postgres_port)
 
 
+def drift_power(args: argparse.Namespace) -> None:
+    from pipeline.tools.drift_power import run
+
+    run(args.model, args.batches, args.power_batches, args.alpha, args.seed)
+
+
 def bench(args: argparse.Namespace) -> None:
     from pipeline.tools.bench import run
 
@@ -274,6 +280,13 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--s3-port", type=int, default=8333)
     t.add_argument("--postgres-port", type=int, default=5433)
     t.set_defaults(run=stack)
+    d = commands.add_parser("drift-power", help="the monitor's false alarms and power (minutes)")
+    d.add_argument("--model", default="models:/mnist-vae@champion", help="an MLflow model URI")
+    d.add_argument("--batches", type=int, default=1000, help="per false-alarm cell")
+    d.add_argument("--power-batches", type=int, default=100, help="per power cell")
+    d.add_argument("--alpha", type=float, help="the power's (default: monitor.alpha)")
+    d.add_argument("--seed", type=int, default=0)
+    d.set_defaults(run=drift_power)
     b = commands.add_parser(
         "bench", help="time the lab's epoch, the paper's step and the train stage"
     )

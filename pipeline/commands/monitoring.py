@@ -150,7 +150,7 @@ def write_report(result: Result, out: Path) -> tuple[Path, Path]:
 
 def log_report(result: Result, files: tuple[Path, Path]) -> str:
     """A run nested under the monitored model's run, with the report and tags that name the model
-    version; its id."""
+    version, and the version's tags `monitor.last_run` and `monitor.last_decision`; the run's id."""
     verdict, model = result.verdict, result.model
     experiment = mlflow.get_run(model.run_id).info.experiment_id
     tags = {
@@ -175,6 +175,13 @@ def log_report(result: Result, files: tuple[Path, Path]) -> str:
         )
         for path in files:
             mlflow.log_artifact(str(path), "monitoring")
+    if model.version:  # the registry's version page shows the last verdict and where it is
+        name = model.uri.removeprefix("models:/").rpartition("/")[0]
+        client = mlflow.MlflowClient()
+        client.set_model_version_tag(name, model.version, "monitor.last_run", run.info.run_id)
+        client.set_model_version_tag(
+            name, model.version, "monitor.last_decision", tags["monitor.decision"]
+        )
     return run.info.run_id
 
 

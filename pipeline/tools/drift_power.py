@@ -1,7 +1,7 @@
 """The drift monitor's operating figures (docs/monitoring.md): its false-alarm rate on clean MNIST
 batches it never saw, and its power on shifts made from real test digits, by batch size.
 
-`python -m pipeline.tools.drift_power [--model URI]` (`make monitor-figures`) prints the tables.
+`mnist-vae drift-power [--model URI]` (`make drift-power`) prints the tables.
 Every test digit is profiled once, as it is and under every shift; each batch is then drawn from
 those profiles (distinct digits) and compared with a random half of the test set it does not
 overlap, so a thousand batches cost a thousand sets of tests, not a thousand passes of the model.
@@ -9,7 +9,6 @@ overlap, so a thousand batches cost a thousand sets of tests, not a thousand pas
 
 from __future__ import annotations
 
-import argparse
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -203,24 +202,14 @@ def tables(model_uri: str, batches: int, power_batches: int, alpha: float, seed:
     return "\n".join(lines)
 
 
-def main() -> None:
-    from pipeline import runtime
-
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="models:/mnist-vae@champion")
-    parser.add_argument("--batches", type=int, default=1000, help="per false-alarm cell")
-    parser.add_argument("--power-batches", type=int, default=100, help="per power cell")
-    parser.add_argument("--alpha", type=float, help="default: monitor.alpha")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
+def run(model_uri: str, batches: int, power_batches: int, alpha: float | None, seed: int) -> None:
+    """Print the tables (minutes: each cell is `batches` sets of 22 tests)."""
     from pipeline.config import load_params
+    from pipeline.errors import PipelineError
 
-    runtime.start()
+    if min(batches, power_batches) < 1:
+        raise PipelineError("--batches and --power-batches: at least one batch a cell")
+    alpha = alpha if alpha is not None else load_params().monitor.alpha
     started = time.monotonic()
-    alpha = args.alpha or load_params().monitor.alpha
-    print(tables(args.model, args.batches, args.power_batches, alpha, args.seed))
+    print(tables(model_uri, batches, power_batches, alpha, seed))
     print(f"\n({time.monotonic() - started:.0f} s)")
-
-
-if __name__ == "__main__":
-    main()

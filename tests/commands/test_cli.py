@@ -14,7 +14,7 @@ from pipeline import commands, runtime
 
 COMMANDS = {
     "promote", "generate", "score", "report", "paper", "explore", "sweep", "stack", "bench",
-    "serve", "loadtest", "monitor",
+    "serve", "loadtest", "monitor", "drift-power",
 }  # fmt: skip
 
 
@@ -36,7 +36,16 @@ def test_python_m_pipeline_is_the_same_command() -> None:
 
 def test_make_targets_call_the_console_script() -> None:
     makefile = (REPO_ROOT / "Makefile").read_text()
-    for target in ("promote", "report", "paper", "explore", "sweep", "stack", "bench"):
+    for target in (
+        "promote",
+        "report",
+        "paper",
+        "explore",
+        "sweep",
+        "stack",
+        "bench",
+        "drift-power",
+    ):
         assert f"\tmnist-vae {target}" in makefile, target
     assert "python -m pipeline" not in makefile
 

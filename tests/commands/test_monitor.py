@@ -119,6 +119,9 @@ def test_a_report_is_written_and_logged_under_the_models_run(
     assert run.data.tags["monitor.decision"] == "drift" and run.data.metrics["drift"] == 1.0
     logged = {f.path for f in MlflowClient().list_artifacts(run.info.run_id, "monitoring")}
     assert logged == {"monitoring/report.json", "monitoring/report.png"}
+    version = MlflowClient().get_model_version("mnist-vae", version.version)
+    assert version.tags["monitor.last_run"] == run.info.run_id
+    assert version.tags["monitor.last_decision"] == "drift"
 
 
 @pytest.mark.slow
