@@ -280,7 +280,7 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--s3-port", type=int, default=8333)
     t.add_argument("--postgres-port", type=int, default=5433)
     t.set_defaults(run=stack)
-    d = commands.add_parser("drift-power", help="the monitor's false alarms and power (minutes)")
+    d = commands.add_parser("drift-power", help="measure monitor's false alarms and power")
     d.add_argument("--model", default="models:/mnist-vae@champion", help="an MLflow model URI")
     d.add_argument("--batches", type=int, default=1000, help="per false-alarm cell")
     d.add_argument("--power-batches", type=int, default=100, help="per power cell")
