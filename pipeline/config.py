@@ -81,7 +81,7 @@ class EvaluateConfig:
     # The drift monitor's reference profile (tracking/reference.py): a seeded half of the test set
     # at most, so that the other half stays unseen for its operating figures.
     reference_images: int = _check(at_least=10, at_most=TEST_IMAGES // 2, why="half the test set")
-    reference_samples: int = _check(at_least=1, at_most=1000, why="a profile, not a census")
+    reference_samples: int = _check(at_least=1, at_most=100, why="monitor scores batches alike")
 
 
 @dataclass(frozen=True)
