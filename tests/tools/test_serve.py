@@ -449,3 +449,35 @@ def test_the_request_log_round_trips_into_monitor(
     report = json.loads((registered / "monitor-report" / "report.json").read_text())
     assert report["verdict"]["images"] == 32
     assert report["served_by"] == ["models:/mnist-vae@champion version 1"]
+
+
+def test_a_request_log_that_cannot_be_written_costs_the_log_not_the_answer(tmp_path: Path) -> None:
+    import asyncio
+
+    import httpx
+
+    from pipeline.errors import PipelineError
+    from pipeline.tools.request_log import RequestLog
+    from pipeline.tools.serve import Guard, check_log
+
+    class Decoder:
+        def predict(self, rows: np.ndarray, params: dict | None = None) -> np.ndarray:
+            return np.zeros((len(rows), 784), dtype=np.float32)
+
+    blocked = tmp_path / "requests.jsonl"
+    blocked.mkdir()  # a folder where the file should be: every append fails
+    guard = Guard(None, LIMITS, Decoder(), LATENT, RequestLog(blocked, 1 << 20, {"uri": "m"}))
+
+    async def post_one() -> httpx.Response:
+        transport = httpx.ASGITransport(app=guard)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            return await client.post("/invocations", json={"inputs": [[0.0] * LATENT]})
+
+    answer = asyncio.run(post_one())
+    assert answer.status_code == 200 and len(answer.json()["predictions"][0]) == 784
+    assert guard.log_failures == 1
+    # serve refuses such a log at start, in one line naming the key
+    with pytest.raises(PipelineError, match=r"^serve.request_log .*: cannot be written"):
+        check_log(blocked)
+    with pytest.raises(PipelineError, match=r"name it \*\.jsonl"):
+        check_log(tmp_path / "requests.log")
