@@ -190,3 +190,29 @@ def parse_lines(path: Path, text: bytes) -> list[dict]:
 def describe(model: dict) -> str:
     version = f" version {model['version']}" if model.get("version") else ""
     return f"{model.get('uri')}{version}"
+
+
+def check_log(path: Path) -> None:
+    """A request log `monitor` can read (.jsonl) that this user can write, before any worker
+    starts; one line naming serve.request_log otherwise."""
+    if not path.name.endswith(".jsonl"):
+        raise PipelineError(f"serve.request_log {path}: name it *.jsonl (what monitor reads)")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        os.close(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600))
+    except OSError as exc:
+        raise PipelineError(
+            f"serve.request_log {path}: cannot be written ({exc.strerror}); choose another file"
+        ) from None
+
+
+def served_model(model_uri: str) -> dict[str, Any]:
+    """The served model as the request log names it: URI, registry version and run, when the
+    store can say (a URI it cannot resolve is logged as it is)."""
+    from pipeline.tracking.reference import resolve
+
+    try:
+        model = resolve(model_uri)
+    except PipelineError:
+        return {"uri": model_uri, "version": None, "run_id": None}
+    return {"uri": model_uri, "version": model.version, "run_id": model.run_id}

@@ -41,8 +41,8 @@ import numpy as np
 import orjson
 
 from pipeline.config import ServeConfig
-from pipeline.errors import PipelineError, first_line
-from pipeline.tools.request_log import RequestLog
+from pipeline.errors import first_line
+from pipeline.tools.request_log import RequestLog, check_log, served_model
 from pipeline.tools.scoring_requests import MESSAGE_CHARS, BadRequest, check_request, excerpt
 from pipeline.tracking.pyfunc import DEFAULT_METHOD
 
@@ -285,7 +285,7 @@ def serve(model_uri: str, port: int, settings: ServeConfig, ready: Callable[[], 
         # sys.path, and the workers, which start from the parent's sys.path, would import that.
         local = store.download_model(model_uri, Path(folder))
         threads = max(1, (os.cpu_count() or 1) // settings.workers)
-        named = describe(model_uri) if settings.request_log else {"uri": model_uri}
+        named = served_model(model_uri) if settings.request_log else {"uri": model_uri}
         served = Settings(local, asdict(settings), threads, named)
         os.environ[SETTINGS_ENV] = json.dumps(asdict(served))
         timeout = str(math.ceil(settings.timeout_seconds))
@@ -301,29 +301,3 @@ def serve(model_uri: str, port: int, settings: ServeConfig, ready: Callable[[], 
             timeout_keep_alive=5,
             log_level="warning",
         )
-
-
-def check_log(path: Path) -> None:
-    """A request log `monitor` can read (.jsonl) that this user can write, before any worker
-    starts; one line naming serve.request_log otherwise."""
-    if not path.name.endswith(".jsonl"):
-        raise PipelineError(f"serve.request_log {path}: name it *.jsonl (what monitor reads)")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        os.close(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600))
-    except OSError as exc:
-        raise PipelineError(
-            f"serve.request_log {path}: cannot be written ({exc.strerror}); choose another file"
-        ) from None
-
-
-def describe(model_uri: str) -> dict[str, Any]:
-    """The served model as the request log names it: URI, registry version and run, when the
-    store can say (a URI it cannot resolve is logged as it is)."""
-    from pipeline.tracking.reference import resolve
-
-    try:
-        model = resolve(model_uri)
-    except PipelineError:
-        return {"uri": model_uri, "version": None, "run_id": None}
-    return {"uri": model_uri, "version": model.version, "run_id": model.run_id}

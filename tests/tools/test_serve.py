@@ -457,8 +457,8 @@ def test_a_request_log_that_cannot_be_written_costs_the_log_not_the_answer(tmp_p
     import httpx
 
     from pipeline.errors import PipelineError
-    from pipeline.tools.request_log import RequestLog
-    from pipeline.tools.serve import Guard, check_log
+    from pipeline.tools.request_log import RequestLog, check_log
+    from pipeline.tools.serve import Guard
 
     class Decoder:
         def predict(self, rows: np.ndarray, params: dict | None = None) -> np.ndarray:
