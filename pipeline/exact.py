@@ -5,9 +5,10 @@ entry point imports the package first. On by default; `MNIST_VAE_EXACT=0` turns 
 
 - `MKL_CBWR=COMPATIBLE`: oneMKL's one code branch that it promises on every x86 vendor (its AVX2
   and AVX-512 branches run on Intel only and fall back elsewhere); fp32 `nn.Linear` is its sgemm.
-- `MKL_NUM_THREADS=1`: oneMKL splits a large sgemm between threads in a way that changes its sums
-  (the evaluation's 800-row products gave other bytes on 2 threads than on 1). torch's own
-  threads, which split elementwise work and keep their reductions' order, still run.
+- `MKL_NUM_THREADS=2`, `OMP_NUM_THREADS=2`: the thread counts pinned, whatever the machine has
+  or asks for: oneMKL splits a large sgemm between threads in a way that changes its sums (the
+  evaluation's 800-row products gave other bytes on 2 threads than on 1), so every machine must
+  split alike.
 - `ATEN_CPU_CAPABILITY=avx2`: torch's vectorised kernels as on an AVX2 CPU, also on AVX-512 ones.
 - `OPENBLAS_CORETYPE=Haswell`: numpy's OpenBLAS (the figures' arithmetic) as on an AVX2 CPU.
 

@@ -10,6 +10,7 @@ line, the key, the value, the rule and the bound's reason (`must be <= 4096 (25 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import typing
 from typing import Any, Literal
@@ -21,7 +22,7 @@ def parse_sections(cls: type, raw: Any, source: str) -> Any:
     """`raw`, a mapping of sections, as the frozen dataclass `cls` whose fields are sections."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: expected a mapping of sections, got {type(raw).__name__}")
-    sections = typing.get_type_hints(cls)
+    sections = type_hints(cls)
     _refuse_unknown(raw, sections, source, prefix="")
     values = {}
     for name in sections:
@@ -29,6 +30,13 @@ def parse_sections(cls: type, raw: Any, source: str) -> Any:
             raise ConfigError(f"{source}: missing section '{name}'; add it (see the README)")
         values[name] = _parse_section(sections[name], raw[name], source, name)
     return cls(**values)
+
+
+@functools.cache
+def type_hints(cls: type) -> dict[str, Any]:
+    """The dataclass's resolved annotations, once per class: resolving them parses each one
+    again, and the tests and commands validate params.yaml thousands of times."""
+    return typing.get_type_hints(cls)
 
 
 def _refuse_unknown(raw: dict, allowed: dict, source: str, prefix: str) -> None:
@@ -43,7 +51,7 @@ def _parse_section(cls: type, raw: Any, source: str, section: str) -> Any:
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: section '{section}' must be a mapping of keys, got {raw!r}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    hints = typing.get_type_hints(cls)
+    hints = type_hints(cls)
     _refuse_unknown(raw, fields, source, prefix=f"{section}.")
     values = {}
     for name, f in fields.items():

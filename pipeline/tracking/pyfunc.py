@@ -41,13 +41,6 @@ PARAMS = ParamSchema(
         ParamSpec("logvar", "boolean", False),  # encode: also return the log-variances
     ]
 )
-DESCRIPTION = (
-    "MNIST VAE (the lab's network): predict(data, params={'method': ...}) with method "
-    "decode (default; latent vectors (n, latent) -> images (n, 784) in [0, 1]), encode (images -> "
-    "posterior means, and log-variances with logvar=true), reconstruct (images -> images) or "
-    "score (images -> negative ELBO per image in nats, averaged over `samples` seeded draws; "
-    "high for images unlike digits)."
-)
 
 
 def signature() -> ModelSignature:

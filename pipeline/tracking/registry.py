@@ -18,8 +18,7 @@ from mlflow.tracking import MlflowClient
 from pipeline.config import Params, RegistryConfig
 from pipeline.errors import ConfigError, RegistryError
 from pipeline.tracking.provenance import file_digest, git_tags
-from pipeline.tracking.pyfunc import DESCRIPTION
-from pipeline.tracking.store import reraise_refusal
+from pipeline.tracking.store import DESCRIPTION, reraise_refusal
 from pipeline.vae.evaluation import SCALAR_METRICS
 
 CANDIDATE, CHAMPION = "candidate", "champion"

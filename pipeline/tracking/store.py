@@ -15,6 +15,14 @@ from mlflow.tracking import MlflowClient
 from pipeline.errors import TrackingError, first_line, login_refusal
 
 SERVER_TIMEOUT_S = 10  # connect + read; well inside the 30 s the user is promised
+# The registered model's description (the registry, and the team stack, which imports no torch).
+DESCRIPTION = (
+    "MNIST VAE (the lab's network): predict(data, params={'method': ...}) with method "
+    "decode (default; latent vectors (n, latent) -> images (n, 784) in [0, 1]), encode (images -> "
+    "posterior means, and log-variances with logvar=true), reconstruct (images -> images) or "
+    "score (images -> negative ELBO per image in nats, averaged over `samples` seeded draws; "
+    "high for images unlike digits)."
+)
 
 
 def store_root(cwd: Path | None = None) -> Path:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import subprocess
@@ -34,6 +35,7 @@ def committed(path: str) -> str:
     return shown.stdout if shown.returncode == 0 else (REPO_ROOT / path).read_text()
 
 
+@functools.cache  # one `git show` a session, not one a workdir: HEAD stays put while tests run
 def committed_params() -> str:
     """The lab's params.yaml: `dvc exp run` leaves an experiment's params in the working tree."""
     return committed("params.yaml")

@@ -12,6 +12,7 @@ import torch
 import yaml
 
 from helpers.repo import committed_params
+from pipeline.config import SAFE_LOADER
 from pipeline.data import mnist
 from pipeline.data.splits import save_split
 from pipeline.paths import TEST_SPLIT, TRAIN_SPLIT
@@ -50,7 +51,7 @@ def write_params(folder: Path, **overrides: dict) -> dict:
     It starts from the lab's committed params.yaml, not the workspace's: `dvc exp run` leaves an
     experiment's params applied there.
     """
-    params = yaml.safe_load(committed_params())
+    params = yaml.load(committed_params(), Loader=SAFE_LOADER)
     params["model"].update(hidden_dim=32, latent_dim=4)
     params["train"].update(epochs=3, batch_size=32, device="cpu")
     params["evaluate"].update(iwae_samples=8, batch_size=64)
