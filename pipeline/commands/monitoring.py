@@ -198,11 +198,9 @@ def make_reference(model_uri: str) -> str:
     pyfunc = store.load_model(model.uri)
     binarize = params.data.binarize == "dynamic"
     images, _ = load_test_set(TEST_SPLIT, binarize, params.data.binarize_seed, "cpu")
-    cfg = params.evaluate
     profile = reference.make_profile(
-        reference.model_predict(pyfunc), images.numpy(),
-        cfg.reference_images, cfg.reference_samples, cfg.seed,
-    )  # fmt: skip
+        reference.model_predict(pyfunc), images.numpy(), params.evaluate
+    )
     with mlflow.start_run(run_id=model.run_id):
         reference.log_profile(profile)
     n = len(profile.indices)

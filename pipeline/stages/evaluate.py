@@ -41,9 +41,8 @@ def run_evaluation(params: Params) -> dict:
         print(runs.describe_results(metrics))
         if attached:
             profile = reference.make_profile(
-                reference.vae_predict(model), images.cpu().numpy(),
-                cfg.reference_images, cfg.reference_samples, cfg.seed,
-            )  # fmt: skip
+                reference.vae_predict(model), images.cpu().numpy(), cfg
+            )
             reference.log_profile(profile)  # what `mnist-vae monitor` compares a batch with
             basis = registry.comparison_basis(params, TEST_SPLIT)
             run_id = run.info.run_id

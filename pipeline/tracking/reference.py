@@ -20,6 +20,7 @@ import torch
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from pipeline.config import EvaluateConfig
 from pipeline.data.files import read_tensors, write_tensors
 from pipeline.errors import PipelineError, RegistryError, first_line
 from pipeline.tracking import pyfunc, store
@@ -63,12 +64,12 @@ def profile_images(predict: Predict, images: np.ndarray, samples: int, seed: int
     return Profile(np.concatenate(scores), np.concatenate(means), empty, samples, seed)
 
 
-def make_profile(
-    predict: Predict, test_images: np.ndarray, wanted: int, samples: int, seed: int
-) -> Profile:
-    """The profile of a seeded half (at most) of the test set (n, 784)."""
-    indices, _ = split_test_set(len(test_images), wanted, seed)
-    return replace(profile_images(predict, test_images[indices], samples, seed), indices=indices)
+def make_profile(predict: Predict, test_images: np.ndarray, cfg: EvaluateConfig) -> Profile:
+    """The profile of a seeded half (at most) of the test set (n, 784), as params.yaml's evaluate
+    section sizes it: evaluate's and `monitor --make-reference`'s alike."""
+    indices, _ = split_test_set(len(test_images), cfg.reference_images, cfg.seed)
+    profile = profile_images(predict, test_images[indices], cfg.reference_samples, cfg.seed)
+    return replace(profile, indices=indices)
 
 
 def vae_predict(model: VAE) -> Predict:
@@ -106,15 +107,9 @@ def resolve(model_uri: str) -> Resolved:
     any other form MLflow reads (`runs:/ID/model`, `models:/m-ID`, a stage) through its MLmodel."""
     from mlflow.models import get_model_info
 
-    client = MlflowClient()
-    name, at, alias = model_uri.removeprefix("models:/").partition("@")
-    number = name.rpartition("/")[2]
     try:
-        if model_uri.startswith("models:/") and at:
-            version = client.get_model_version_by_alias(name, alias)
-        elif model_uri.startswith("models:/") and "/" in name and number.isdigit():
-            version = client.get_model_version(name.rpartition("/")[0], number)
-        else:
+        version = store.registry_version(model_uri)
+        if version is None:
             run_id = get_model_info(model_uri).run_id
             if not run_id:
                 raise PipelineError(

@@ -9,6 +9,7 @@ import urllib.request
 from pathlib import Path
 
 import mlflow
+from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
@@ -145,19 +146,24 @@ def download_model(uri: str, folder: Path) -> str:
         raise TrackingError(f"cannot load model {uri} from {store}: {first_line(exc)}") from None
 
 
+def registry_version(uri: str) -> ModelVersion | None:
+    """The registry version `models:/NAME@ALIAS` or `models:/NAME/N` names now; None for any other
+    form of URI (`runs:/`, `models:/m-ID`, a stage). MlflowException when the registry has none."""
+    if not uri.startswith("models:/"):
+        return None
+    name, at, alias = uri.removeprefix("models:/").partition("@")
+    client = MlflowClient()
+    if at:
+        return client.get_model_version_by_alias(name, alias)
+    name, _, number = name.rpartition("/")
+    return client.get_model_version(name, number) if name and number.isdigit() else None
+
+
 def describe_model(uri: str) -> str:
     """A model URI with the registry version it resolves to: `models:/mnist-vae@champion
     (version 3, run 5f0c...)`; other URIs as they are."""
-    if not uri.startswith("models:/"):
-        return uri
-    name, _, which = uri.removeprefix("models:/").partition("@")
-    client = MlflowClient()
     try:
-        if which:
-            version = client.get_model_version_by_alias(name, which)
-        else:
-            name, _, number = name.partition("/")
-            version = client.get_model_version(name, number)
+        version = registry_version(uri)
     except MlflowException:
         return uri
-    return f"{uri} (version {version.version}, run {version.run_id[:8]})"
+    return f"{uri} (version {version.version}, run {version.run_id[:8]})" if version else uri
