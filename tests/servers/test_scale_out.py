@@ -32,9 +32,11 @@ from pipeline.tools.servers import free_port
 
 pytestmark = pytest.mark.slow
 
-# Small experiments: a narrow network on the first 10,000 training digits (what is tested is DVC
-# and MLflow, not the model; the full lab network made each experiment 20 s longer).
+# Small experiments: a narrow network on the first 10,000 training digits, in batches of 32 (313
+# steps an epoch, so that the latent units are in use); what is tested is DVC and MLflow, not the
+# model, and the full lab network made each experiment 20 s longer.
 SMALL = ["-S", "model.hidden_dim=64", "-S", "evaluate.iwae_samples=8", "-S", "data.holdout=50000"]
+SMALL += ["-S", "train.batch_size=32"]
 
 
 @pytest.fixture(scope="module")

@@ -75,9 +75,9 @@ def test_every_size_bound_config_accepts_runs_through_every_stage(
 def few_test_images(n: int | None):
     """The test split cut to its first `n` images while evaluate runs: at the largest bounds the
     size of the network and of k (10,000 samples an image, in chunks) is the point, not the
-    images (on the 2-core AMD machine, 2026-12-04: all 64, 470 s; 4, 54 s; 2, the fewest whose
-    latent means have a variance, which active units need); the sample stage's figures then get
-    the whole split back."""
+    images (on the 2-core AMD machine, 2026-12-04: all 64, 470 s; 4, 54 s; 2, 38 s, the fewest
+    that leave the reference profile, half the test split, an image); the sample stage's figures
+    then get the whole split back."""
     if n is None:
         yield
         return
