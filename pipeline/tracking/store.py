@@ -166,8 +166,4 @@ def describe_model(uri: str) -> str:
         version = registry_version(uri)
     except MlflowException:
         return uri
-    return (
-        f"{uri} (version {version.version}, run {version.run_id[:8]})"
-        if version is not None
-        else uri
-    )
+    return f"{uri} (version {version.version}, run {version.run_id[:8]})" if version else uri
