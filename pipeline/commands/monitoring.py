@@ -176,8 +176,7 @@ def log_report(result: Result, files: tuple[Path, Path]) -> str:
         for path in files:
             mlflow.log_artifact(str(path), "monitoring")
     if model.version:  # the registry's version page shows the last verdict and where it is
-        name = model.uri.removeprefix("models:/").rpartition("/")[0]
-        client = mlflow.MlflowClient()
+        client, name = mlflow.MlflowClient(), model.name
         client.set_model_version_tag(name, model.version, "monitor.last_run", run.info.run_id)
         client.set_model_version_tag(
             name, model.version, "monitor.last_decision", tags["monitor.decision"]

@@ -100,6 +100,7 @@ class Resolved:
     uri: str  # pinned: an alias becomes the version it names now, so that one run uses one model
     run_id: str
     version: str | None  # the registry's, when the URI names one
+    name: str | None = None  # the registered model's, with the version
 
 
 def resolve(model_uri: str) -> Resolved:
@@ -122,7 +123,7 @@ def resolve(model_uri: str) -> Resolved:
             store.reraise_refusal(exc)
         raise RegistryError(f"{model_uri}: no such model ({first_line(exc)[:200]})") from None
     pinned = f"models:/{version.name}/{version.version}"
-    return Resolved(pinned, version.run_id, str(version.version))
+    return Resolved(pinned, version.run_id, str(version.version), version.name)
 
 
 def load_profile(model: Resolved) -> Profile:
