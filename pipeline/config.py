@@ -72,6 +72,7 @@ class TrainConfig:
     seed: int = _check(at_least=0)
     device: Literal["auto", "cpu", "cuda"]
     step: Literal["auto", "fast", "autograd"]
+    cuda_graphs: Literal["auto", "on", "off"]
 
 
 @dataclass(frozen=True)

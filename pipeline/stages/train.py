@@ -31,6 +31,7 @@ def train(params: Params) -> None:
     test_x, _ = load_test_set(paths.TEST_SPLIT, binarize, data.binarize_seed, device)
     model, optimizer = training.vae_and_optimizer(shape, cfg, train_x)
     fast = training.use_fast_step(cfg.step, model, optimizer, train_x)
+    training.use_cuda_graphs(cfg.cuda_graphs, device)  # `on` without a GPU fails here, at once
     key = fingerprint(params, paths.TRAIN_SPLIT)
     history, run_id, previous_run = resume_or_start(
         paths.CHECKPOINT, key, cfg.epochs, model, optimizer, store.has_run
@@ -44,7 +45,7 @@ def train(params: Params) -> None:
             model, optimizer, train_x, test_x, first_epoch=len(history) + 1, epochs=cfg.epochs,
             batch_size=cfg.batch_size, binarize=binarize, stop=stop,
             lr_at=partial(training.learning_rate, cfg.schedule, cfg.lr),
-            fast=fast,
+            fast=fast, cuda_graphs=cfg.cuda_graphs,
         )  # fmt: skip
         first_new = len(history)
         try:

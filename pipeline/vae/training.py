@@ -16,9 +16,10 @@ import torch
 from tqdm import tqdm
 
 from pipeline.config import ModelConfig, TrainConfig
-from pipeline.errors import ConfigError, NonFiniteLoss
+from pipeline.errors import ConfigError, NonFiniteLoss, first_line
 from pipeline.runtime import StopRequest
 from pipeline.vae import fast_step
+from pipeline.vae.cuda_graph import GraphedSteps, make_capturable
 from pipeline.vae.fast_step import FastStep
 from pipeline.vae.history import Epoch, with_terms
 from pipeline.vae.model import LOSS_TERMS, VAE, init_output_bias, loss_terms
@@ -142,6 +143,61 @@ def use_fast_step(
     return False
 
 
+def use_cuda_graphs(setting: str, device: torch.device) -> bool:
+    """train.cuda_graphs: `auto` captures the step in a CUDA graph on a GPU, `on` insists (a
+    one-line error on the CPU), `off` launches every kernel of every step (the eager reference)."""
+    if device.type == "cuda":
+        return setting != "off"
+    if setting == "on":
+        raise ConfigError(
+            f"train.cuda_graphs = on needs a CUDA device, and the device is {device.type};"
+            " set train.cuda_graphs to auto or off"
+        )
+    return False
+
+
+def step_state(model: VAE, optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    """Every tensor a training step updates: the parameters, then the optimizer's state."""
+    tensors = list(model.parameters())
+    for p in model.parameters():
+        tensors += [v for v in optimizer.state.get(p, {}).values() if torch.is_tensor(v)]
+    return tensors
+
+
+def capture_steps(
+    model: VAE,
+    optimizer: torch.optim.Optimizer,
+    images: torch.Tensor,
+    batch_size: int,
+    binarize: bool,
+    setting: str,
+) -> GraphedSteps | None:
+    """The autograd step recorded in a CUDA graph (cuda_graph.py); None, saying why, when `auto`
+    finds it cannot be captured (`on` refuses in one line)."""
+    try:
+        make_capturable(optimizer, images.device)
+        step = partial(autograd_step, model, optimizer)
+        state = partial(step_state, model, optimizer)
+        return GraphedSteps(step, state, images, batch_size, binarize, len(LOSS_TERMS))
+    except (RuntimeError, ConfigError) as exc:
+        why = first_line(exc)
+        if setting == "on":
+            raise ConfigError(
+                f"train.cuda_graphs = on: the training step could not be captured in a CUDA "
+                f"graph ({why}); set train.cuda_graphs to off"
+            ) from None
+        print(f"train.cuda_graphs auto: eager steps, since the step could not be captured ({why})")
+        return None
+
+
+def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        if torch.is_tensor(group["lr"]):  # a captured step reads it from the device
+            group["lr"].fill_(lr)
+        else:
+            group["lr"] = lr
+
+
 def train_epoch(
     model: VAE,
     optimizer: torch.optim.Optimizer,
@@ -152,32 +208,38 @@ def train_epoch(
     epochs: int,
     stop: StopRequest | None = None,
     fast: bool = False,
+    graphed: GraphedSteps | None = None,
 ) -> tuple[float, ...]:
     """One pass over `images` in a random order; returns the mean of each of LOSS_TERMS per image.
 
-    `fast` takes the hand-written step of fast_step.py instead of autograd's. `stop` is checked
-    before each batch: an interrupted epoch is dropped whole.
+    `fast` takes the hand-written step of fast_step.py instead of autograd's; `graphed` replays
+    the autograd step from its CUDA graph. `stop` is checked before each batch: an interrupted
+    epoch is dropped whole.
     """
     model.train()
-    batches = torch.randperm(len(images), device=images.device).split(batch_size)
-    sums = torch.zeros(len(batches), len(LOSS_TERMS), device=images.device)  # per batch
-    step = FastStep(model, optimizer) if fast else partial(autograd_step, model, optimizer)
-    progress = tqdm(
-        batches, desc=f"epoch {epoch}/{epochs}", leave=False, disable=not sys.stderr.isatty()
-    )
-    for i, index in enumerate(progress):
-        if stop is not None:
-            stop.check()
-        step(images, index, binarize, sums[i])
-    if fast:
-        step.write_back()
+    order = torch.randperm(len(images), device=images.device)
+    check = stop.check if stop is not None else (lambda: None)
+    if graphed is not None:
+        sums = graphed.epoch(order, check)
+    else:
+        batches = order.split(batch_size)
+        sums = torch.zeros(len(batches), len(LOSS_TERMS), device=images.device)  # per batch
+        step = FastStep(model, optimizer) if fast else partial(autograd_step, model, optimizer)
+        progress = tqdm(
+            batches, desc=f"epoch {epoch}/{epochs}", leave=False, disable=not sys.stderr.isatty()
+        )
+        for i, index in enumerate(progress):
+            check()
+            step(images, index, binarize, sums[i])
+        if fast:
+            step.write_back()
     losses = sums.sum(dim=1)
     bad = (~torch.isfinite(losses)).nonzero()
     if len(bad):
         first = bad[0, 0].item()
         raise NonFiniteLoss(
             f"loss became {losses[first].item()} at epoch {epoch}, batch {first + 1} of "
-            f"{len(batches)}; lower train.lr or check the data. The last good checkpoint and "
+            f"{len(sums)}; lower train.lr or check the data. The last good checkpoint and "
             "outputs are kept"
         )
     return tuple((sums.sum(dim=0) / len(images)).tolist())
@@ -210,19 +272,24 @@ def fit(
     stop: StopRequest | None = None,
     lr_at: Callable[[int], float] | None = None,
     fast: bool = False,
+    cuda_graphs: str = "off",
 ) -> Iterator[Epoch]:
     """Train epochs `first_epoch`..`epochs`, yielding each one's history row as it ends;
     `lr_at(epoch)`, when given, sets the learning rate of each epoch; `fast` as in
-    `train_epoch`."""
+    `train_epoch`; `cuda_graphs` is train.cuda_graphs (the step captured once, before the first
+    epoch, after any checkpoint is loaded)."""
+    graphed = None
+    if first_epoch <= epochs and use_cuda_graphs(cuda_graphs, train_images.device):
+        graphed = capture_steps(model, optimizer, train_images, batch_size, binarize, cuda_graphs)
     for epoch in range(first_epoch, epochs + 1):
         if lr_at is not None:
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(epoch)
+            set_learning_rate(optimizer, lr_at(epoch))
         start = time.perf_counter()
         train = train_epoch(
-            model, optimizer, train_images, batch_size, binarize, epoch, epochs, stop, fast
-        )
+            model, optimizer, train_images, batch_size, binarize, epoch, epochs, stop, fast,
+            graphed,
+        )  # fmt: skip
         seconds = time.perf_counter() - start
         test = evaluate_loss(model, test_images)
-        lr = optimizer.param_groups[0]["lr"]
+        lr = float(optimizer.param_groups[0]["lr"])
         yield with_terms(epoch, train, test, seconds, lr)

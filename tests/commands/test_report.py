@@ -27,7 +27,7 @@ def write_history(path: Path, losses: list[float]) -> Path:
 def test_the_lab_curve_section_applies_the_ci_tolerance(
     tmp_path: Path, shift: float, verdict: str
 ) -> None:
-    lab = report.LAB["epochs"]
+    lab = report.lab_curve.CURVE
     # shift the last epoch (tolerance 1.0) or, for 1.6, every epoch (tolerance 1.5)
     losses = [x + (shift if shift > 1.5 or i == 9 else 0) for i, x in enumerate(lab)]
     text, passed = report.lab_curve_section(write_history(tmp_path / "h.csv", losses))
