@@ -73,6 +73,7 @@ class TrainConfig:
     device: Literal["auto", "cpu", "cuda"]
     step: Literal["auto", "fast", "autograd"]
     cuda_graphs: Literal["auto", "on", "off"]
+    compile: Literal["off", "on"]
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,8 @@ from typing import Any, Literal
 
 from pipeline.errors import ConfigError
 
+YAML_SWITCHES = {True: "on", False: "off"}
+
 
 def parse_sections(cls: type, raw: Any, source: str) -> Any:
     """`raw`, a mapping of sections, as the frozen dataclass `cls` whose fields are sections."""
@@ -76,6 +78,9 @@ def _parse_value(kind: Any, value: Any, key: str, limits: Any) -> Any:
         return [_parse_value(item, v, key, limits) for v in value]
     if typing.get_origin(kind) is Literal:
         allowed = typing.get_args(kind)
+        # YAML 1.1 (PyYAML, and DVC's `exp run -S`) reads a bare on / off as true / false.
+        if isinstance(value, bool) and YAML_SWITCHES[value] in allowed:
+            value = YAML_SWITCHES[value]
         if value not in allowed:
             raise ConfigError(f"{key} = {value!r} is not allowed; use one of: {', '.join(allowed)}")
         return value

@@ -3,11 +3,11 @@
 A checkpoint holds the model, the optimizer, the RNG states, the history, the run id and the
 length it was trained for. It is resumed when it was made with the same params and training data
 (its fingerprint, which leaves out how long and by which step path: `train.epochs`, `train.step`,
-`train.cuda_graphs`) and holds fewer epochs than asked for. So a run that stopped goes on, and a
-finished run is extended to more epochs. It continues its MLflow run when that run is in the
-store (the caller says which runs it knows) and was started for the same length; otherwise a new
-run gets the epochs so far and goes on, which is also how a checkpoint carried to another clone
-(another store) resumes.
+`train.cuda_graphs`, `train.compile`) and holds fewer epochs than asked for. So a run that
+stopped goes on, and a finished run is extended to more epochs. It continues its MLflow run when
+that run is in the store (the caller says which runs it knows) and was started for the same
+length; otherwise a new run gets the epochs so far and goes on, which is also how a checkpoint
+carried to another clone (another store) resumes.
 Checkpoints are working state, not DVC outputs, so they stay in torch's format, read back with
 `weights_only=True`.
 """
@@ -43,7 +43,7 @@ def fingerprint(params: Params, data_file: Path) -> str:
     """Identifies what a checkpoint was trained on: params and the exact training data, but not
     for how many epochs (a longer run continues a shorter one) nor by which step path (they
     compute the same)."""
-    paths = ("epochs", "step", "cuda_graphs")
+    paths = ("epochs", "step", "cuda_graphs", "compile")
     train = {k: v for k, v in asdict(params.train).items() if k not in paths}
     config = {
         "model": asdict(params.model),

@@ -32,6 +32,7 @@ def train(params: Params) -> None:
     model, optimizer = training.vae_and_optimizer(shape, cfg, train_x)
     fast = training.use_fast_step(cfg.step, model, optimizer, train_x)
     training.use_cuda_graphs(cfg.cuda_graphs, device)  # `on` without a GPU fails here, at once
+    training.forward_of(cfg.compile, device)  # likewise
     key = fingerprint(params, paths.TRAIN_SPLIT)
     history, run_id, previous_run = resume_or_start(
         paths.CHECKPOINT, key, cfg.epochs, model, optimizer, store.has_run
@@ -45,7 +46,7 @@ def train(params: Params) -> None:
             model, optimizer, train_x, test_x, first_epoch=len(history) + 1, epochs=cfg.epochs,
             batch_size=cfg.batch_size, binarize=binarize, stop=stop,
             lr_at=partial(training.learning_rate, cfg.schedule, cfg.lr),
-            fast=fast, cuda_graphs=cfg.cuda_graphs,
+            fast=fast, cuda_graphs=cfg.cuda_graphs, compile=cfg.compile,
         )  # fmt: skip
         first_new = len(history)
         try:

@@ -1,15 +1,18 @@
-"""`make bench` on a CUDA GPU: the training step eager against graphed (`train.cuda_graphs`).
+"""`make bench` on a CUDA GPU: the training step eager, graphed (`train.cuda_graphs`), and graphed
+with its forward and backward compiled (`train.compile`).
 
-1. The step, both ways, in the lab's shape (params.yaml: one epoch of 128-image batches) and in
+1. The step, each way, in the lab's shape (params.yaml: one epoch of 128-image batches) and in
    the paper's (presets/burda2015.yaml: 784-200-200-50 tanh, batches of 20, binarised), each as
    a ratio to its arithmetic floor: the step's matrix products (forward, weight gradients, input
    gradients but the images') in float32 FLOPs over the rate of one large float32 product
-   measured here, first. The first epoch of each path is its warm-up and is not counted.
-2. The lab's 10 epochs as the train stage runs them, graphed twice and eager once: the CI
-   tolerance of the lab's curve, and whether the same seed gives the same numbers.
-3. The paper's protocol graphed for `paper_epochs` epochs, its 3,280 extrapolated from their
-   pace, and its evaluation: the IWAE bound at k = 5,000 on the test set (vae/evaluation.py's
-   chunks, its progress bar on a terminal).
+   measured here, first; and the GPU kernels (and copies) one eager step launches, which is what
+   a replay still runs one after another. The first epoch of each path is its warm-up (and its
+   compilation) and is not counted.
+2. The lab's 10 epochs as the train stage runs them, graphed twice, eager once and compiled once:
+   the CI tolerance of the lab's curve, and whether the same seed gives the same numbers.
+3. The paper's protocol graphed and compiled for `paper_epochs` epochs, its 3,280 extrapolated
+   from their pace, and its evaluation: the IWAE bound at k = 5,000 on the test set
+   (vae/evaluation.py's chunks, its progress bar on a terminal).
 
 No MLflow: the numbers are printed, and written as JSON to `out` when given.
 """
@@ -34,8 +37,10 @@ from pipeline.tools.bench_step import verdict
 from pipeline.vae.evaluation import evaluate
 from pipeline.vae.lab import within_tolerance
 from pipeline.vae.training import (
+    autograd_step,
     capture_steps,
     fit,
+    forward_of,
     learning_rate,
     train_epoch,
     vae_and_optimizer,
@@ -69,21 +74,44 @@ def matmul_flops_per_image(model: nn.Module) -> int:
     return 2 * (3 * products - first.in_features * first.out_features)
 
 
-def time_epochs(params: Params, images: torch.Tensor, graphed: bool, epochs: int) -> list[float]:
-    """Seconds of each of `epochs` training epochs on `images` after a warm-up epoch."""
+def time_epochs(params: Params, images: torch.Tensor, path: str, epochs: int) -> list[float]:
+    """Seconds of each of `epochs` training epochs along `path` (eager, graphed, compiled) on
+    `images`, after a warm-up epoch."""
     cfg, binarize = params.train, params.data.binarize == "dynamic"
     torch.manual_seed(cfg.seed)
     model, optimizer = vae_and_optimizer(params.model, params.train, images)
+    forward = forward_of("on" if path == "compiled" else "off", images.device)
     steps = None
-    if graphed:
-        steps = capture_steps(model, optimizer, images, cfg.batch_size, binarize, "on")
+    if path != "eager":
+        steps = capture_steps(model, optimizer, images, cfg.batch_size, binarize, "on", forward)
     seconds = []
     for epoch in range(epochs + 1):
         start = time.perf_counter()
         train_epoch(model, optimizer, images, cfg.batch_size, binarize, epoch, epochs, None,
-                    graphed=steps)  # fmt: skip
+                    graphed=steps, forward=forward)  # fmt: skip
         seconds.append(time.perf_counter() - start)  # train_epoch reads its sums: synchronised
     return seconds[1:]
+
+
+def kernels_per_step(params: Params, images: torch.Tensor, compiled: bool) -> int:
+    """The GPU kernels and copies that one eager step launches (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cfg, binarize = params.train, params.data.binarize == "dynamic"
+    model, optimizer = vae_and_optimizer(params.model, params.train, images)
+    forward = forward_of("on" if compiled else "off", images.device)
+    index, terms = torch.arange(cfg.batch_size, device=images.device), torch.zeros(2).cuda()
+    step = partial(autograd_step, model, optimizer, images, index, binarize, terms, forward)
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as profiler:
+        step()
+        torch.cuda.synchronize()
+    return sum(1 for e in profiler.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+
+
+PATHS = ("eager", "graphed", "compiled")  # compiled: graphed too
 
 
 def compare_step(name: str, params: Params, images: torch.Tensor, rate: float, epochs: int) -> dict:
@@ -91,24 +119,31 @@ def compare_step(name: str, params: Params, images: torch.Tensor, rate: float, e
     floor = len(images) * matmul_flops_per_image(model) / rate
     steps = -(-len(images) // params.train.batch_size)
     result = {"images": len(images), "steps": steps, "floor_s": floor}
-    for path in ("eager", "graphed"):
-        seconds = time_epochs(params, images, path == "graphed", epochs)
+    for path in PATHS:
+        seconds = time_epochs(params, images, path, epochs)
         result[path] = {"best_s": min(seconds), "median_s": statistics.median(seconds)}
-    eager, graphed = result["eager"]["best_s"], result["graphed"]["best_s"]
+    for path in ("eager", "compiled"):
+        result[path]["kernels"] = kernels_per_step(params, images, path == "compiled")
     print(
         f"{name}: {len(images)} images, {steps} steps an epoch, best of {epochs} epochs; "
         f"arithmetic floor {floor * 1e3:.2f} ms"
     )
-    for path, seconds in (("eager", eager), ("graphed", graphed)):
+    for path in PATHS:
+        seconds = result[path]["best_s"]
+        kernels = result["compiled" if path == "compiled" else "eager"]["kernels"]
         print(
             f"  {path:8s} {seconds * 1e3:8.1f} ms an epoch, {steps / seconds:9.0f} steps/s, "
-            f"{seconds / floor:6.1f}x the floor"
+            f"{seconds / floor:6.1f}x the floor; {kernels} kernels a step"
         )
-    print(f"  graphed is {eager / graphed:.1f}x faster than eager")
+    eager = result["eager"]["best_s"]
+    graphed, compiled = result["graphed"]["best_s"], result["compiled"]["best_s"]
+    print(
+        f"  graphed is {eager / graphed:.1f}x faster than eager, compiled {eager / compiled:.1f}x"
+    )
     return result
 
 
-def lab_run(params: Params, cuda_graphs: str) -> tuple[list[dict], nn.Module]:
+def lab_run(params: Params, cuda_graphs: str, compile: str = "off") -> tuple[list[dict], nn.Module]:
     """The train stage's epochs (its seed, data, model, optimizer and schedule), without MLflow."""
     cfg, data = params.train, params.data
     device = torch.device("cuda")
@@ -121,6 +156,7 @@ def lab_run(params: Params, cuda_graphs: str) -> tuple[list[dict], nn.Module]:
         model, optimizer, train_x, test_x, first_epoch=1, epochs=cfg.epochs,
         batch_size=cfg.batch_size, binarize=binarize,
         lr_at=partial(learning_rate, cfg.schedule, cfg.lr), cuda_graphs=cuda_graphs,
+        compile=compile,
     )  # fmt: skip
     return [asdict(row) for row in rows], model
 
@@ -133,6 +169,7 @@ def lab_curve(params: Params) -> dict:
     first, _ = lab_run(params, "on")
     second, _ = lab_run(params, "on")
     eager, _ = lab_run(params, "off")
+    compiled, _ = lab_run(params, "on", "on")
     losses = [row["train_loss"] for row in first]
     same = without_seconds(first) == without_seconds(second)
     passed = within_tolerance(losses)
@@ -154,14 +191,23 @@ def lab_curve(params: Params) -> dict:
         f"{first[-1]['train_loss']:.4f} graphed (largest gap over the epochs {gap:.2e}); eager "
         f"epoch median {statistics.median(row['seconds'] for row in eager) * 1e3:.0f} ms"
     )
-    return {"graphed": first, "graphed_again": second, "eager": eager, "within_tolerance": passed,
-            "same_numbers": same}  # fmt: skip
+    compiled_losses = [row["train_loss"] for row in compiled]
+    compiled_s = [row["seconds"] for row in compiled[1:]]  # the first epoch waited for nothing
+    print(
+        f"  compiled and graphed: train loss {compiled_losses[-1]:.4f} at epoch "
+        f"{len(compiled_losses)}, within the CI tolerance: "
+        f"{verdict(within_tolerance(compiled_losses))}; epochs 2-{len(compiled)} best "
+        f"{min(compiled_s) * 1e3:.1f} ms, median {statistics.median(compiled_s) * 1e3:.1f} ms "
+        f"{verdict(min(compiled_s) <= TARGET_LAB_EPOCH_S)}"
+    )
+    return {"graphed": first, "graphed_again": second, "eager": eager, "compiled": compiled,
+            "within_tolerance": passed, "same_numbers": same}  # fmt: skip
 
 
 def paper_protocol(params: Params, epochs: int) -> dict:
     short = replace(params, train=replace(params.train, epochs=epochs))
     start = time.perf_counter()
-    rows, model = lab_run(short, "on")
+    rows, model = lab_run(short, "on", "on")
     training_s = time.perf_counter() - start
     cfg = params.evaluate
     device = torch.device("cuda")
@@ -171,10 +217,10 @@ def paper_protocol(params: Params, epochs: int) -> dict:
                        threshold=cfg.active_unit_threshold, seed=cfg.seed)  # fmt: skip
     torch.cuda.synchronize()
     evaluation_s = time.perf_counter() - start
-    per_epoch = training_s / epochs  # the epochs, the test loss after each, the capture
+    per_epoch = training_s / epochs  # the epochs, the test loss after each, the compilation
     full = per_epoch * PAPER_EPOCHS + evaluation_s
     print(
-        f"the paper's protocol, graphed: {epochs} epochs in {training_s:.1f} s "
+        f"the paper's protocol, graphed and compiled: {epochs} epochs in {training_s:.1f} s "
         f"({per_epoch:.2f} s an epoch with its test loss; median train epoch "
         f"{statistics.median(row['seconds'] for row in rows):.2f} s); test loss "
         f"{rows[-1]['test_loss']:.2f} after epoch {epochs}"

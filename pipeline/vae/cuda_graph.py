@@ -14,7 +14,7 @@ a step finds what differs from one step to the next, since a replay reads the sa
   schedule refills between epochs: no new capture;
 - its loss terms: written into row `counter` of the epoch's per-batch table.
 
-An epoch's last, smaller batch (60,000 = 468 x 128 + 96) runs the same step eagerly.
+An epoch's last, smaller batch (60,000 = 468 x 128 + 96) has a graph of its own.
 """
 
 from __future__ import annotations
@@ -42,11 +42,14 @@ def make_capturable(optimizer: torch.optim.Optimizer, device: torch.device) -> N
 
 
 class GraphedSteps:
-    """An epoch of `step(images, index, binarize, terms)` with its full batches as graph replays.
+    """An epoch of `step(images, index, binarize, terms)` as CUDA graph replays: one graph for the
+    full batches, one for the smaller last batch when there is one.
 
     `step` is training.autograd_step bound to its model and optimizer; `state` lists every tensor
     the step updates (the parameters and the optimizer's state), put back as they were after the
-    warm-up steps that capture needs, so the graphed run starts where the eager one would.
+    warm-up steps that capture needs, so the graphed run starts where the eager one would. The
+    warm-up and the capture run on one stream: autograd ties each parameter's gradient
+    accumulator to the stream it was made on, and a capture may not wait on another stream.
     """
 
     def __init__(
@@ -59,54 +62,73 @@ class GraphedSteps:
         n_terms: int,
     ) -> None:
         self.step, self.images, self.binarize = step, images, binarize
-        self.full = len(images) // batch_size  # batches of batch_size: the replays
+        self.full, tail = divmod(len(images), batch_size)
         device = images.device
-        order = torch.arange(self.full * batch_size, device=device)
-        self.batches = order.view(self.full, batch_size)
+        self.batches = torch.zeros(self.full, batch_size, dtype=torch.long, device=device)
+        self.tail = torch.arange(tail, device=device)  # the last batch's images
         self.counter = torch.zeros(1, dtype=torch.long, device=device)
-        n_batches = -(-len(images) // batch_size)
-        self.sums = torch.zeros(n_batches, n_terms, device=device)  # per batch, as train_epoch's
+        self.sums = torch.zeros(self.full + (tail > 0), n_terms, device=device)  # per batch
         self.terms = torch.zeros(n_terms, device=device)
-        self.graph = self.capture(state) if self.full else None
+        self.stream = torch.cuda.Stream(device)
+        recorded = [(self.full_step, self.full), (self.last_step, tail)]
+        self.graphs = self.capture([step for step, count in recorded if count], state)
 
-    def recorded_step(self) -> None:
+    def full_step(self) -> None:
         index = self.batches.index_select(0, self.counter).view(-1)
         self.step(self.images, index, self.binarize, self.terms)
         self.sums.index_copy_(0, self.counter, self.terms.unsqueeze(0))
         self.counter.add_(1)
 
-    def capture(self, state: Callable[[], list[torch.Tensor]]) -> torch.cuda.CUDAGraph:
+    def last_step(self) -> None:
+        self.step(self.images, self.tail, self.binarize, self.sums[self.full])
+
+    def capture(
+        self, steps: list[Callable[[], None]], state: Callable[[], list[torch.Tensor]]
+    ) -> list[torch.cuda.CUDAGraph]:
         device = self.images.device
-        before = [t.clone() for t in state()]
+        # Detached: a clone of a parameter would tie its gradient accumulator to this stream.
+        before = [t.detach().clone() for t in state()]
         rng = torch.cuda.get_rng_state(device)
-        side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):
+        self.stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(self.stream):
             for _ in range(WARM_UP_STEPS):
-                self.counter.zero_()
-                self.recorded_step()
-        torch.cuda.current_stream(device).wait_stream(side)
+                for step in steps:
+                    self.counter.zero_()
+                    step()
+        torch.cuda.current_stream(device).wait_stream(self.stream)
         after = state()  # the warm-up created the optimizer's state where it had none
         with torch.no_grad():
             for i, tensor in enumerate(after):
                 tensor.copy_(before[i]) if i < len(before) else tensor.zero_()
+        del before, after
         torch.cuda.set_rng_state(rng, device)
-        self.counter.zero_()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            self.recorded_step()
-        return graph
+        generator = torch.cuda.default_generators[device.index or torch.cuda.current_device()]
+        untouched = generator.clone_state()
+        graphs, pool = [], None
+        try:
+            for step in steps:
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool, stream=self.stream):
+                    step()
+                graphs.append(graph)
+                pool = graph.pool()  # the graphs run one after the other: they share memory
+        except RuntimeError:
+            # A failed capture leaves the generator expecting one: give it back its state.
+            generator.graphsafe_set_state(untouched)
+            raise
+        return graphs
 
     def epoch(self, order: torch.Tensor, check: Callable[[], None]) -> torch.Tensor:
         """Train on `images` in `order` (a permutation); `check` runs before each batch. Returns
         the per-batch sums of the loss terms (overwritten by the next epoch)."""
-        cut = self.full * len(self.batches[0]) if self.full else 0
+        cut = self.batches.numel()
         self.batches.copy_(order[:cut].view_as(self.batches))
+        self.tail.copy_(order[cut:])
         self.counter.zero_()
         for _ in range(self.full):
             check()
-            self.graph.replay()
-        if cut < len(order):
+            self.graphs[0].replay()
+        if len(self.tail):
             check()
-            self.step(self.images, order[cut:], self.binarize, self.sums[self.full])
+            self.graphs[-1].replay()
         return self.sums

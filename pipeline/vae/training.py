@@ -94,6 +94,17 @@ def schedule_stage(epoch: int) -> int:
     return stage
 
 
+def batch_terms(
+    model: VAE, images: torch.Tensor, index: torch.Tensor, binarize: bool
+) -> torch.Tensor:
+    """The batch's summed reconstruction and KL terms: its images gathered from `images` (and
+    binarised), then model.py's loss."""
+    x = images[index]
+    if binarize:  # dynamic binarisation: a fresh Bernoulli(pixel) sample, drawn as U < pixel
+        x = (torch.rand_like(x) < x).to(x.dtype)  # (torch.bernoulli: the same law, 4x the time)
+    return torch.stack([term.sum() for term in loss_terms(model, x)])
+
+
 def autograd_step(
     model: VAE,
     optimizer: torch.optim.Optimizer,
@@ -101,18 +112,36 @@ def autograd_step(
     index: torch.Tensor,
     binarize: bool,
     terms: torch.Tensor,
+    forward: Callable[..., torch.Tensor] = batch_terms,
 ) -> None:
     """One step of the reference path: model.py's loss, autograd's gradients, Adam; the batch's
-    summed reconstruction and KL terms go into `terms`."""
-    x = images[index]
-    if binarize:  # dynamic binarisation: a fresh Bernoulli(pixel) sample, drawn as U < pixel
-        x = (torch.rand_like(x) < x).to(x.dtype)  # (torch.bernoulli: the same law, 4x the time)
-    batch_terms = torch.stack([term.sum() for term in loss_terms(model, x)])
-    loss = batch_terms.sum()  # summed over the batch, as the lab (and the PyTorch example) does
+    summed reconstruction and KL terms go into `terms`. `forward` is batch_terms or its compiled
+    form (`forward_of`)."""
+    summed = forward(model, images, index, binarize)
+    loss = summed.sum()  # summed over the batch, as the lab (and the PyTorch example) does
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
-    terms.copy_(batch_terms.detach())
+    terms.copy_(summed.detach())
+
+
+# torch.compile draws its random numbers as eager code does, so the compiled forward gets the same
+# noise as the reference path and the two train the same model up to float rounding.
+COMPILE_OPTIONS = {"fallback_random": True}
+
+
+def forward_of(setting: str, device: torch.device) -> Callable[..., torch.Tensor]:
+    """train.compile: `on` is batch_terms through torch.compile (its element-wise kernels fused,
+    forward and backward; each batch shape waits for the compiler once), CUDA only; `off` is
+    batch_terms as it is."""
+    if setting == "off":
+        return batch_terms
+    if device.type != "cuda":
+        raise ConfigError(
+            f"train.compile = on needs a CUDA device, and the device is {device.type};"
+            " set train.compile to off"
+        )
+    return torch.compile(batch_terms, dynamic=False, fullgraph=True, options=COMPILE_OPTIONS)
 
 
 def use_fast_step(
@@ -171,16 +200,19 @@ def capture_steps(
     batch_size: int,
     binarize: bool,
     setting: str,
+    forward: Callable[..., torch.Tensor] = batch_terms,
 ) -> GraphedSteps | None:
     """The autograd step recorded in a CUDA graph (cuda_graph.py); None, saying why, when `auto`
     finds it cannot be captured (`on` refuses in one line)."""
     try:
         make_capturable(optimizer, images.device)
-        step = partial(autograd_step, model, optimizer)
+        step = partial(autograd_step, model, optimizer, forward=forward)
         state = partial(step_state, model, optimizer)
         return GraphedSteps(step, state, images, batch_size, binarize, len(LOSS_TERMS))
     except (RuntimeError, ConfigError) as exc:
-        why = first_line(exc)
+        # A capture that fails inside the step ends with "a previous error during capture":
+        # name the error the step hit.
+        why = first_line(exc.__context__ if isinstance(exc.__context__, RuntimeError) else exc)
         if setting == "on":
             raise ConfigError(
                 f"train.cuda_graphs = on: the training step could not be captured in a CUDA "
@@ -209,12 +241,13 @@ def train_epoch(
     stop: StopRequest | None = None,
     fast: bool = False,
     graphed: GraphedSteps | None = None,
+    forward: Callable[..., torch.Tensor] = batch_terms,
 ) -> tuple[float, ...]:
     """One pass over `images` in a random order; returns the mean of each of LOSS_TERMS per image.
 
     `fast` takes the hand-written step of fast_step.py instead of autograd's; `graphed` replays
-    the autograd step from its CUDA graph. `stop` is checked before each batch: an interrupted
-    epoch is dropped whole.
+    the autograd step from its CUDA graph; `forward` is the autograd step's (`forward_of`).
+    `stop` is checked before each batch: an interrupted epoch is dropped whole.
     """
     model.train()
     order = torch.randperm(len(images), device=images.device)
@@ -224,7 +257,8 @@ def train_epoch(
     else:
         batches = order.split(batch_size)
         sums = torch.zeros(len(batches), len(LOSS_TERMS), device=images.device)  # per batch
-        step = FastStep(model, optimizer) if fast else partial(autograd_step, model, optimizer)
+        autograd = partial(autograd_step, model, optimizer, forward=forward)
+        step = FastStep(model, optimizer) if fast else autograd
         progress = tqdm(
             batches, desc=f"epoch {epoch}/{epochs}", leave=False, disable=not sys.stderr.isatty()
         )
@@ -273,21 +307,24 @@ def fit(
     lr_at: Callable[[int], float] | None = None,
     fast: bool = False,
     cuda_graphs: str = "off",
+    compile: str = "off",
 ) -> Iterator[Epoch]:
     """Train epochs `first_epoch`..`epochs`, yielding each one's history row as it ends;
     `lr_at(epoch)`, when given, sets the learning rate of each epoch; `fast` as in
     `train_epoch`; `cuda_graphs` is train.cuda_graphs (the step captured once, before the first
-    epoch, after any checkpoint is loaded)."""
-    graphed = None
+    epoch, after any checkpoint is loaded), `compile` train.compile (`forward_of`)."""
+    forward, graphed = forward_of(compile, train_images.device), None
     if first_epoch <= epochs and use_cuda_graphs(cuda_graphs, train_images.device):
-        graphed = capture_steps(model, optimizer, train_images, batch_size, binarize, cuda_graphs)
+        graphed = capture_steps(
+            model, optimizer, train_images, batch_size, binarize, cuda_graphs, forward
+        )
     for epoch in range(first_epoch, epochs + 1):
         if lr_at is not None:
             set_learning_rate(optimizer, lr_at(epoch))
         start = time.perf_counter()
         train = train_epoch(
             model, optimizer, train_images, batch_size, binarize, epoch, epochs, stop, fast,
-            graphed,
+            graphed, forward,
         )  # fmt: skip
         seconds = time.perf_counter() - start
         test = evaluate_loss(model, test_images)

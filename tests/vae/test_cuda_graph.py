@@ -56,7 +56,9 @@ def test_a_learning_rate_on_the_device_is_refilled_not_replaced() -> None:
     assert optimizer.param_groups[0]["lr"] is lr and lr.item() == pytest.approx(2.5e-4)
 
 
-def train(shape: dict, cuda_graphs: str, binarize: bool, epochs: int = 2) -> tuple:
+def train(
+    shape: dict, cuda_graphs: str, binarize: bool, epochs: int = 2, compile: str = "off"
+) -> tuple:
     """`epochs` epochs on fixed random images (not a multiple of the batch: the eager last step
     runs too), the learning rate halved each epoch; each epoch's train loss, train KL, test loss
     and learning rate in a row, and the trained weights."""
@@ -68,6 +70,7 @@ def train(shape: dict, cuda_graphs: str, binarize: bool, epochs: int = 2) -> tup
     rows = training.fit(
         model, optimizer, images, images[:200], first_epoch=1, epochs=epochs, batch_size=128,
         binarize=binarize, lr_at=lambda epoch: 1e-3 / 2 ** (epoch - 1), cuda_graphs=cuda_graphs,
+        compile=compile,
     )  # fmt: skip
     rows = [
         value for row in rows for value in (row.train_loss, row.train_kl, row.test_loss, row.lr)
@@ -86,6 +89,24 @@ def test_the_graphed_step_trains_what_the_eager_step_trains(shape: dict, binariz
     for eager, graphed in zip(eager_weights, graphed_weights, strict=True):
         torch.testing.assert_close(graphed, eager, rtol=1e-5, atol=1e-6)
     assert graphed_rows[3::4] == pytest.approx([1e-3, 5e-4])  # the schedule reached the graph
+
+
+@needs_cuda
+def test_the_compiled_step_trains_what_the_eager_step_trains_up_to_rounding() -> None:
+    eager_rows, eager_weights = train(PAPER, "off", binarize=True)
+    compiled_rows, compiled_weights = train(PAPER, "on", binarize=True, compile="on")
+    assert compiled_rows == pytest.approx(eager_rows, rel=1e-4)  # the same noise: fused sums
+    for eager, compiled in zip(eager_weights, compiled_weights, strict=True):
+        torch.testing.assert_close(compiled, eager, rtol=1e-3, atol=1e-4)
+
+
+def test_compile_is_for_a_gpu_and_off_is_the_plain_forward() -> None:
+    assert training.forward_of("off", torch.device("cpu")) is training.batch_terms
+    with pytest.raises(ConfigError) as refused:
+        training.forward_of("on", torch.device("cpu"))
+    assert str(refused.value) == (
+        "train.compile = on needs a CUDA device, and the device is cpu; set train.compile to off"
+    )
 
 
 @needs_cuda
