@@ -60,18 +60,26 @@ class VAE(nn.Module):
         return torch.sigmoid(self.decoder(z))
 
     def forward(
-        self, x: torch.Tensor, generator: torch.Generator | None = None
+        self,
+        x: torch.Tensor,
+        generator: torch.Generator | None = None,
+        eps: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Pixel logits of the reconstruction, and the posterior's mu and logvar."""
         mu, logvar = self.encode(x)
-        z = reparameterize(mu, logvar, generator)
+        z = reparameterize(mu, logvar, generator, eps)
         return self.decoder(z), mu, logvar
 
 
 def reparameterize(
-    mu: torch.Tensor, logvar: torch.Tensor, generator: torch.Generator | None = None
+    mu: torch.Tensor,
+    logvar: torch.Tensor,
+    generator: torch.Generator | None = None,
+    eps: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
+    """z = mu + exp(0.5 * logvar) * eps, eps ~ N(0, I) drawn here unless given."""
+    if eps is None:
+        eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
     return mu + torch.exp(0.5 * logvar) * eps
 
 
@@ -93,10 +101,13 @@ LOSS_TERMS = ("recon", "kl")  # what loss_terms returns, in order; the loss is t
 
 
 def loss_terms(
-    model: VAE, x: torch.Tensor, generator: torch.Generator | None = None
+    model: VAE,
+    x: torch.Tensor,
+    generator: torch.Generator | None = None,
+    eps: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-image reconstruction and KL terms; their sum is the negative ELBO the lab prints."""
-    logits, mu, logvar = model(x, generator)
+    logits, mu, logvar = model(x, generator, eps)
     return reconstruction_loss(logits, x), kl_divergence(mu, logvar)
 
 

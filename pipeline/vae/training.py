@@ -94,15 +94,9 @@ def schedule_stage(epoch: int) -> int:
     return stage
 
 
-def batch_terms(
-    model: VAE, images: torch.Tensor, index: torch.Tensor, binarize: bool
-) -> torch.Tensor:
-    """The batch's summed reconstruction and KL terms: its images gathered from `images` (and
-    binarised), then model.py's loss."""
-    x = images[index]
-    if binarize:  # dynamic binarisation: a fresh Bernoulli(pixel) sample, drawn as U < pixel
-        x = (torch.rand_like(x) < x).to(x.dtype)  # (torch.bernoulli: the same law, 4x the time)
-    return torch.stack([term.sum() for term in loss_terms(model, x)])
+def summed_terms(model: VAE, x: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """The batch's reconstruction and KL terms, each summed over its images (model.py's loss)."""
+    return torch.stack([term.sum() for term in loss_terms(model, x, eps=eps)])
 
 
 def autograd_step(
@@ -112,12 +106,18 @@ def autograd_step(
     index: torch.Tensor,
     binarize: bool,
     terms: torch.Tensor,
-    forward: Callable[..., torch.Tensor] = batch_terms,
+    forward: Callable[..., torch.Tensor] = summed_terms,
 ) -> None:
     """One step of the reference path: model.py's loss, autograd's gradients, Adam; the batch's
-    summed reconstruction and KL terms go into `terms`. `forward` is batch_terms or its compiled
+    summed reconstruction and KL terms go into `terms`. `forward` is summed_terms or its compiled
     form (`forward_of`)."""
-    summed = forward(model, images, index, binarize)
+    x = images[index]
+    if binarize:  # dynamic binarisation: a fresh Bernoulli(pixel) sample, drawn as U < pixel
+        x = (torch.rand_like(x) < x).to(x.dtype)  # (torch.bernoulli: the same law, 4x the time)
+    # The reparameterisation's noise, drawn as model.py would draw it, but here: compiled code may
+    # reorder random draws, and then the compiled step would train on other noise.
+    eps = torch.randn(len(x), model.latent_dim, device=x.device, dtype=x.dtype)
+    summed = forward(model, x, eps)
     loss = summed.sum()  # summed over the batch, as the lab (and the PyTorch example) does
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -125,23 +125,18 @@ def autograd_step(
     terms.copy_(summed.detach())
 
 
-# torch.compile draws its random numbers as eager code does, so the compiled forward gets the same
-# noise as the reference path and the two train the same model up to float rounding.
-COMPILE_OPTIONS = {"fallback_random": True}
-
-
 def forward_of(setting: str, device: torch.device) -> Callable[..., torch.Tensor]:
-    """train.compile: `on` is batch_terms through torch.compile (its element-wise kernels fused,
+    """train.compile: `on` is summed_terms through torch.compile (its element-wise kernels fused,
     forward and backward; each batch shape waits for the compiler once), CUDA only; `off` is
-    batch_terms as it is."""
+    summed_terms as it is. Its noise comes in as an input, so both compute the same function."""
     if setting == "off":
-        return batch_terms
+        return summed_terms
     if device.type != "cuda":
         raise ConfigError(
             f"train.compile = on needs a CUDA device, and the device is {device.type};"
             " set train.compile to off"
         )
-    return torch.compile(batch_terms, dynamic=False, fullgraph=True, options=COMPILE_OPTIONS)
+    return torch.compile(summed_terms, dynamic=False, fullgraph=True)
 
 
 def use_fast_step(
@@ -200,7 +195,7 @@ def capture_steps(
     batch_size: int,
     binarize: bool,
     setting: str,
-    forward: Callable[..., torch.Tensor] = batch_terms,
+    forward: Callable[..., torch.Tensor] = summed_terms,
 ) -> GraphedSteps | None:
     """The autograd step recorded in a CUDA graph (cuda_graph.py); None, saying why, when `auto`
     finds it cannot be captured (`on` refuses in one line)."""
@@ -241,7 +236,7 @@ def train_epoch(
     stop: StopRequest | None = None,
     fast: bool = False,
     graphed: GraphedSteps | None = None,
-    forward: Callable[..., torch.Tensor] = batch_terms,
+    forward: Callable[..., torch.Tensor] = summed_terms,
 ) -> tuple[float, ...]:
     """One pass over `images` in a random order; returns the mean of each of LOSS_TERMS per image.
 
