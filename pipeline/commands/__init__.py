@@ -194,6 +194,12 @@ def drift_power(args: argparse.Namespace) -> None:
 
 
 def bench(args: argparse.Namespace) -> None:
+    import torch
+
+    if torch.cuda.is_available():  # the GPU's paths (train.cuda_graphs, train.compile)
+        from pipeline.tools.bench_cuda import run as run_on_gpu
+
+        return run_on_gpu(args.repeats, args.paper_epochs)
     from pipeline.tools.bench import run
 
     run(args.repeats)
@@ -288,9 +294,14 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=0)
     d.set_defaults(run=drift_power)
     b = commands.add_parser(
-        "bench", help="time the lab's epoch, the paper's step and the train stage"
+        "bench",
+        help="time the lab's epoch, the paper's step and the train stage (on a GPU: "
+        "eager, graphed and compiled)",
     )
     b.add_argument("--repeats", type=int, default=5, help="rounds; each path keeps its best")
+    b.add_argument(
+        "--paper-epochs", type=int, default=50, help="on a GPU: the paper's protocol, graphed"
+    )
     b.set_defaults(run=bench)
     return root
 

@@ -192,7 +192,7 @@ def lab_curve(params: Params) -> dict:
         f"epoch median {statistics.median(row['seconds'] for row in eager) * 1e3:.0f} ms"
     )
     compiled_losses = [row["train_loss"] for row in compiled]
-    compiled_s = [row["seconds"] for row in compiled[1:]]  # the first epoch waited for nothing
+    compiled_s = [row["seconds"] for row in compiled[1:]]  # as the other paths: epoch 1 left out
     print(
         f"  compiled and graphed: train loss {compiled_losses[-1]:.4f} at epoch "
         f"{len(compiled_losses)}, within the CI tolerance: "
