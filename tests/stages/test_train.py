@@ -271,8 +271,8 @@ def spy_on_training_batches(
         return
     loss_terms = training.loss_terms
 
-    def spy(model, x, generator=None):
-        recon, kl = loss_terms(model, x, generator)
+    def spy(model, x, generator=None, eps=None):
+        recon, kl = loss_terms(model, x, generator, eps)
         if generator is None:  # a training step (the per-epoch test loss passes a generator)
             change(next(calls), x, recon)
         return recon, kl

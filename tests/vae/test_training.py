@@ -26,8 +26,8 @@ def spy_on_steps(monkeypatch: pytest.MonkeyPatch) -> list[tuple[torch.Tensor, fl
     """Record what each training step consumed and the loss terms it summed."""
     steps = []
 
-    def spy(model, x, generator=None):
-        recon, kl = loss_terms(model, x, generator)
+    def spy(model, x, generator=None, eps=None):
+        recon, kl = loss_terms(model, x, generator, eps)
         if generator is None:
             steps.append((x.detach().clone(), recon.sum().item(), kl.sum().item()))
         return recon, kl
@@ -79,8 +79,8 @@ def test_a_non_finite_loss_names_the_epoch_and_the_batch(monkeypatch: pytest.Mon
     model, optimizer, images = tiny_setup()
     calls = {"n": 0}
 
-    def nan_in_batch_2(model, x, generator=None):
-        recon, kl = loss_terms(model, x, generator)
+    def nan_in_batch_2(model, x, generator=None, eps=None):
+        recon, kl = loss_terms(model, x, generator, eps)
         calls["n"] += 1
         return (recon * float("inf"), kl) if calls["n"] == 2 else (recon, kl)
 
@@ -136,7 +136,7 @@ def test_fit_passes_its_epoch_and_binarisation_to_each_epoch(
     assert [row.seconds for row in epochs] == [2.5, 1.0]
     assert all(set(x.unique().tolist()) == {0.0, 1.0} for x, _, _ in steps)
     nan = [t * torch.nan for t in loss_terms(model, images)]
-    monkeypatch.setattr(training, "loss_terms", lambda *args: nan)
+    monkeypatch.setattr(training, "loss_terms", lambda *args, **kwargs: nan)
     with pytest.raises(NonFiniteLoss, match=r"at epoch 3, batch 1 of 1"):
         next(fit(model, optimizer, images, images, first_epoch=3, epochs=7, batch_size=16,
                  binarize=False))  # fmt: skip
