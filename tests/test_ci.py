@@ -40,4 +40,6 @@ def test_the_workflow_runs_what_ci_runs() -> None:
     ci_run = (REPO_ROOT / ".ci" / "run").read_text()
     for target in ("make test", "make repro", "make report"):
         assert target in ci_run and target in commands, target
-    assert "uv lock --check" in commands and 'test -z "$(git status --porcelain)"' in commands
+    assert "uv lock --check" in commands
+    clean = 'test -z "$(git status --porcelain)"'  # after make repro, in both
+    assert clean in commands and ci_run.index("make repro") < ci_run.index(clean)
