@@ -300,7 +300,7 @@ def parser() -> argparse.ArgumentParser:
     )
     b.add_argument("--repeats", type=int, default=5, help="rounds; each path keeps its best")
     b.add_argument(
-        "--paper-epochs", type=int, default=50, help="on a GPU: the paper's protocol, graphed"
+        "--paper-epochs", type=int, default=50, help="on a GPU: the paper's protocol's epochs"
     )
     b.set_defaults(run=bench)
     return root

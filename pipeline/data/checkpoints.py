@@ -68,6 +68,17 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def portable(optimizer_state: dict) -> dict:
+    """The optimizer's settings as any device resumes them: a CUDA-graphed run holds its learning
+    rate as a GPU tensor and Adam in capturable mode (vae/cuda_graph.py), how it ran, not what it
+    learnt; the run that resumes sets both again if it captures."""
+    for group in optimizer_state["param_groups"]:
+        group["lr"] = float(group["lr"])
+        if group.get("capturable"):
+            group["capturable"] = False
+    return optimizer_state
+
+
 def save_checkpoint(
     path: Path,
     key: str,
@@ -83,7 +94,7 @@ def save_checkpoint(
         "epoch": history[-1].epoch if history else 0,
         "epochs": epochs,
         "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
+        "optimizer": portable(optimizer.state_dict()),
         "rng": rng_state(),
         "history": [asdict(row) for row in history],
         "run_id": run_id,

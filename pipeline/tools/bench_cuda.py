@@ -217,7 +217,8 @@ def paper_protocol(params: Params, epochs: int) -> dict:
                        threshold=cfg.active_unit_threshold, seed=cfg.seed)  # fmt: skip
     torch.cuda.synchronize()
     evaluation_s = time.perf_counter() - start
-    per_epoch = training_s / epochs  # the epochs, the test loss after each, the compilation
+    per_epoch = training_s / epochs  # with the test losses and the capture (the compilation
+    # too, unless this process compiled the shape already, as `run` has: then it is left out)
     full = per_epoch * PAPER_EPOCHS + evaluation_s
     print(
         f"the paper's protocol, graphed and compiled: {epochs} epochs in {training_s:.1f} s "

@@ -37,8 +37,20 @@ def make_capturable(optimizer: torch.optim.Optimizer, device: torch.device) -> N
                 "set train.cuda_graphs to off"
             )
         group["capturable"] = True
-        if not torch.is_tensor(group["lr"]):
-            group["lr"] = torch.tensor(float(group["lr"]), device=device)
+        # A new tensor on the device, also where the group holds one: a captured step reads a CPU
+        # tensor's value once, at capture, so a schedule could not change it afterwards.
+        group["lr"] = torch.tensor(float(group["lr"]), device=device)
+
+
+def restore(tensors: list[torch.Tensor], before: list[torch.Tensor]) -> None:
+    """Put `tensors` back to `before`; those beyond it (the optimizer's state, which a warm-up
+    creates where there was none) to zero, as a fresh Adam starts."""
+    with torch.no_grad():
+        for i, tensor in enumerate(tensors):
+            if i < len(before):
+                tensor.copy_(before[i])
+            else:
+                tensor.zero_()
 
 
 class GraphedSteps:
@@ -71,7 +83,7 @@ class GraphedSteps:
         self.terms = torch.zeros(n_terms, device=device)
         self.stream = torch.cuda.Stream(device)
         recorded = [(self.full_step, self.full), (self.last_step, tail)]
-        self.graphs = self.capture([step for step, count in recorded if count], state)
+        self.graphs = self.capture([steps for steps, count in recorded if count], state)
 
     def full_step(self) -> None:
         index = self.batches.index_select(0, self.counter).view(-1)
@@ -90,19 +102,19 @@ class GraphedSteps:
         before = [t.detach().clone() for t in state()]
         rng = torch.cuda.get_rng_state(device)
         self.stream.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(self.stream):
-            for _ in range(WARM_UP_STEPS):
-                for step in steps:
-                    self.counter.zero_()
-                    step()
-        torch.cuda.current_stream(device).wait_stream(self.stream)
-        after = state()  # the warm-up created the optimizer's state where it had none
-        with torch.no_grad():
-            for i, tensor in enumerate(after):
-                tensor.copy_(before[i]) if i < len(before) else tensor.zero_()
-        del before, after
-        torch.cuda.set_rng_state(rng, device)
-        generator = torch.cuda.default_generators[device.index or torch.cuda.current_device()]
+        try:
+            with torch.cuda.stream(self.stream):
+                for _ in range(WARM_UP_STEPS):
+                    for step in steps:
+                        self.counter.zero_()
+                        step()
+        finally:  # also after a failed warm-up, which `auto` follows with eager steps
+            torch.cuda.current_stream(device).wait_stream(self.stream)
+            restore(state(), before)
+            torch.cuda.set_rng_state(rng, device)
+        del before
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        generator = torch.cuda.default_generators[index]
         untouched = generator.clone_state()
         graphs, pool = [], None
         try:

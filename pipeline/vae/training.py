@@ -218,6 +218,7 @@ def capture_steps(
 
 
 def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Every group's learning rate, in place where it is a tensor."""
     for group in optimizer.param_groups:
         if torch.is_tensor(group["lr"]):  # a captured step reads it from the device
             group["lr"].fill_(lr)
@@ -252,8 +253,10 @@ def train_epoch(
     else:
         batches = order.split(batch_size)
         sums = torch.zeros(len(batches), len(LOSS_TERMS), device=images.device)  # per batch
-        autograd = partial(autograd_step, model, optimizer, forward=forward)
-        step = FastStep(model, optimizer) if fast else autograd
+        if fast:
+            step = FastStep(model, optimizer)
+        else:
+            step = partial(autograd_step, model, optimizer, forward=forward)
         progress = tqdm(
             batches, desc=f"epoch {epoch}/{epochs}", leave=False, disable=not sys.stderr.isatty()
         )
@@ -314,8 +317,10 @@ def fit(
             model, optimizer, train_images, batch_size, binarize, cuda_graphs, forward
         )
     for epoch in range(first_epoch, epochs + 1):
+        lr = float(optimizer.param_groups[0]["lr"])
         if lr_at is not None:
-            set_learning_rate(optimizer, lr_at(epoch))
+            lr = lr_at(epoch)  # as scheduled: a graphed step's device copy reads back in float32
+            set_learning_rate(optimizer, lr)
         start = time.perf_counter()
         train = train_epoch(
             model, optimizer, train_images, batch_size, binarize, epoch, epochs, stop, fast,
@@ -323,5 +328,4 @@ def fit(
         )  # fmt: skip
         seconds = time.perf_counter() - start
         test = evaluate_loss(model, test_images)
-        lr = float(optimizer.param_groups[0]["lr"])
         yield with_terms(epoch, train, test, seconds, lr)

@@ -1,11 +1,15 @@
-"""What an interrupted run says it keeps."""
+"""What an interrupted run says it keeps, and the optimizer a checkpoint saves."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.data.checkpoints import kept
+import torch
+
+from pipeline.data.checkpoints import kept, portable
 from pipeline.vae.history import Epoch
+from pipeline.vae.model import VAE
+from pipeline.vae.training import make_optimizer
 
 
 def rows(n: int) -> list[Epoch]:
@@ -46,3 +50,13 @@ def test_a_checkpoint_from_another_model_py_or_history_starts_over_untouched(
     torch.save(state, path)
     resumed = resume_or_start(path, "key", 5, old, make_optimizer(old, 1e-3), lambda r: True)
     assert resumed.history == [] and "other columns than Epoch's" in capsys.readouterr().err
+
+
+def test_a_graphed_runs_optimizer_is_saved_as_any_device_resumes_it() -> None:
+    optimizer = make_optimizer(VAE(hidden_dim=4, latent_dim=2), 1e-3)
+    group = optimizer.param_groups[0]
+    group["lr"], group["capturable"] = torch.tensor(5e-4), True  # as cuda_graph.py leaves it
+    saved = portable(optimizer.state_dict())["param_groups"][0]
+    assert saved["lr"] == float(torch.tensor(5e-4)) and type(saved["lr"]) is float
+    assert saved["capturable"] is False
+    assert group["capturable"] is True  # the running optimizer is left as it is

@@ -13,6 +13,7 @@ import torch
 
 from pipeline.errors import ConfigError
 from pipeline.vae import training
+from pipeline.vae.cuda_graph import make_capturable
 from pipeline.vae.model import VAE
 
 CUDA = torch.cuda.is_available()
@@ -56,6 +57,26 @@ def test_a_learning_rate_on_the_device_is_refilled_not_replaced() -> None:
     optimizer.param_groups[0]["lr"] = lr
     training.set_learning_rate(optimizer, 2.5e-4)
     assert optimizer.param_groups[0]["lr"] is lr and lr.item() == pytest.approx(2.5e-4)
+
+
+def test_capturing_puts_the_learning_rate_on_the_device_even_from_a_checkpoints_tensor() -> None:
+    optimizer = training.make_optimizer(VAE(hidden_dim=8, latent_dim=2), 1e-3)
+    restored = torch.tensor(5e-4)  # a checkpoint's, loaded onto the CPU
+    optimizer.param_groups[0]["lr"] = restored
+    make_capturable(optimizer, torch.device("cpu"))  # the device a capture would name
+    group = optimizer.param_groups[0]
+    assert group["capturable"] and group["lr"] is not restored
+    assert group["lr"].item() == restored.item()
+
+
+def test_the_history_logs_the_scheduled_rate_not_its_float32_copy() -> None:
+    model = VAE(hidden_dim=8, latent_dim=2)
+    optimizer = training.make_optimizer(model, 1e-3)
+    optimizer.param_groups[0]["lr"] = torch.tensor(1e-3)  # as a graphed run holds it
+    images = torch.rand(32, 784)
+    rows = training.fit(model, optimizer, images, images, first_epoch=1, epochs=2, batch_size=16,
+                        binarize=False, lr_at=lambda epoch: 1e-3 / epoch)  # fmt: skip
+    assert [row.lr for row in rows] == [1e-3, 5e-4]
 
 
 def train(shape: dict, cuda_graphs: str, binarize: bool, epochs: int = 2) -> tuple:
