@@ -14,7 +14,7 @@ from pipeline.paths import RAW_ROOT
 from pipeline.tools import bench
 from pipeline.tools.bench_step import matmul_floor, paper_steps
 from pipeline.vae.fast_step import FastStep
-from pipeline.vae.model import VAE
+from pipeline.vae.model import VAE, loss_terms
 from pipeline.vae.training import make_optimizer
 
 PRODUCTS = {torch.mm: (0, 1), torch.addmm: (1, 2)}  # the positions of the two factors
@@ -70,3 +70,29 @@ def test_make_bench_runs_every_part_on_tiny_data(
         "of which",
     ):
         assert line in out, out
+
+
+def test_on_a_gpu_mnist_vae_bench_times_the_gpus_paths(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pipeline.commands import main
+    from pipeline.tools import bench_cuda
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(bench_cuda, "run", lambda *args: calls.append(("gpu", args)))
+    monkeypatch.setattr(bench, "run", lambda *args: calls.append(("cpu", args)))
+    main(["bench", "--repeats", "2", "--paper-epochs", "7"])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    main(["bench", "--repeats", "3"])
+    assert calls == [("gpu", (2, 7)), ("cpu", (3,))]
+
+
+def test_the_gpu_floor_counts_the_matrix_products_autograd_runs() -> None:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from pipeline.tools.bench_cuda import matmul_flops_per_image
+
+    model, batch = VAE(hidden_dim=8, latent_dim=3, hidden_layers=2, activation="tanh"), 5
+    with FlopCounterMode(display=False) as counted:  # forward and backward, as torch counts them
+        recon, kl = loss_terms(model, torch.rand(batch, 784))
+        (recon.sum() + kl.sum()).backward()
+    assert counted.get_total_flops() == batch * matmul_flops_per_image(model)
