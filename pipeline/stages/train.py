@@ -16,6 +16,7 @@ from pipeline.data.weights import save_vae
 from pipeline.errors import Interrupted, reports_errors
 from pipeline.tracking import runs, store
 from pipeline.vae import grids, training
+from pipeline.vae.cuda_graph import use_cuda_graphs
 from pipeline.vae.history import HISTORY_FIELDS, time_left
 from pipeline.vae.model import VAE
 
@@ -31,8 +32,8 @@ def train(params: Params) -> None:
     test_x, _ = load_test_set(paths.TEST_SPLIT, binarize, data.binarize_seed, device)
     model, optimizer = training.vae_and_optimizer(shape, cfg, train_x)
     fast = training.use_fast_step(cfg.step, model, optimizer, train_x)
-    training.use_cuda_graphs(cfg.cuda_graphs, device)  # `on` without a GPU fails here, at once
-    training.forward_of(cfg.compile, device)  # likewise
+    use_cuda_graphs(cfg.cuda_graphs, device)  # `on` without a GPU fails here, at once
+    forward = training.forward_of(cfg.compile, device)  # likewise
     key = fingerprint(params, paths.TRAIN_SPLIT)
     history, run_id, previous_run = resume_or_start(
         paths.CHECKPOINT, key, cfg.epochs, model, optimizer, store.has_run
@@ -46,7 +47,7 @@ def train(params: Params) -> None:
             model, optimizer, train_x, test_x, first_epoch=len(history) + 1, epochs=cfg.epochs,
             batch_size=cfg.batch_size, binarize=binarize, stop=stop,
             lr_at=partial(training.learning_rate, cfg.schedule, cfg.lr),
-            fast=fast, cuda_graphs=cfg.cuda_graphs, compile=cfg.compile,
+            fast=fast, cuda_graphs=cfg.cuda_graphs, forward=forward,
         )  # fmt: skip
         first_new = len(history)
         try:

@@ -34,11 +34,11 @@ from pipeline.config import Params, load_params, load_params_with, read_preset
 from pipeline.data.splits import load_test_set, training_images
 from pipeline.paths import TEST_SPLIT, TRAIN_SPLIT
 from pipeline.tools.bench_step import verdict
+from pipeline.vae.cuda_graph import capture
 from pipeline.vae.evaluation import evaluate
 from pipeline.vae.lab import within_tolerance
 from pipeline.vae.training import (
     autograd_step,
-    capture_steps,
     fit,
     forward_of,
     learning_rate,
@@ -83,7 +83,8 @@ def time_epochs(params: Params, images: torch.Tensor, path: str, epochs: int) ->
     forward = forward_of("on" if path == "compiled" else "off", images.device)
     steps = None
     if path != "eager":
-        steps = capture_steps(model, optimizer, images, cfg.batch_size, binarize, "on", forward)
+        step = partial(autograd_step, model, optimizer, forward=forward)
+        steps = capture(step, model, optimizer, images, cfg.batch_size, binarize, "on")
     seconds = []
     for epoch in range(epochs + 1):
         start = time.perf_counter()
@@ -156,7 +157,7 @@ def lab_run(params: Params, cuda_graphs: str, compile: str = "off") -> tuple[lis
         model, optimizer, train_x, test_x, first_epoch=1, epochs=cfg.epochs,
         batch_size=cfg.batch_size, binarize=binarize,
         lr_at=partial(learning_rate, cfg.schedule, cfg.lr), cuda_graphs=cuda_graphs,
-        compile=compile,
+        forward=forward_of(compile, device),
     )  # fmt: skip
     return [asdict(row) for row in rows], model
 

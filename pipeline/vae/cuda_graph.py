@@ -20,12 +20,64 @@ An epoch's last, smaller batch (60,000 = 468 x 128 + 96) has a graph of its own.
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 
 import torch
+from torch import nn
 
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, first_line
+from pipeline.vae.model import LOSS_TERMS
 
 WARM_UP_STEPS = 3  # eager steps on a side stream before capture, as torch.cuda.graph asks
+
+
+def use_cuda_graphs(setting: str, device: torch.device) -> bool:
+    """train.cuda_graphs: `auto` captures the step in a CUDA graph on a GPU, `on` insists (a
+    one-line error on the CPU), `off` launches every kernel of every step (the eager reference)."""
+    if device.type == "cuda":
+        return setting != "off"
+    if setting == "on":
+        raise ConfigError(
+            f"train.cuda_graphs = on needs a CUDA device, and the device is {device.type};"
+            " set train.cuda_graphs to auto or off"
+        )
+    return False
+
+
+def capture(
+    step: Callable[..., None],
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    images: torch.Tensor,
+    batch_size: int,
+    binarize: bool,
+    setting: str,
+) -> GraphedSteps | None:
+    """`step` (training.autograd_step bound to `model` and `optimizer`) recorded in CUDA graphs;
+    None, saying why, when `auto` finds it cannot be captured (`on` refuses in one line)."""
+    try:
+        make_capturable(optimizer, images.device)
+        state = partial(step_state, model, optimizer)
+        return GraphedSteps(step, state, images, batch_size, binarize, len(LOSS_TERMS))
+    except (RuntimeError, ConfigError) as exc:
+        # A capture that fails inside the step ends with "a previous error during capture":
+        # name the error the step hit.
+        why = first_line(exc.__context__ if isinstance(exc.__context__, RuntimeError) else exc)
+        if setting == "on":
+            raise ConfigError(
+                f"train.cuda_graphs = on: the training step could not be captured in a CUDA "
+                f"graph ({why}); set train.cuda_graphs to off"
+            ) from None
+        print(f"train.cuda_graphs auto: eager steps, since the step could not be captured ({why})")
+        return None
+
+
+def step_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    """Every tensor a training step updates: the parameters, then the optimizer's state."""
+    tensors = list(model.parameters())
+    for p in model.parameters():
+        tensors += [v for v in optimizer.state.get(p, {}).values() if torch.is_tensor(v)]
+    return tensors
 
 
 def make_capturable(optimizer: torch.optim.Optimizer, device: torch.device) -> None:

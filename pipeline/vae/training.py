@@ -16,10 +16,10 @@ import torch
 from tqdm import tqdm
 
 from pipeline.config import ModelConfig, TrainConfig
-from pipeline.errors import ConfigError, NonFiniteLoss, first_line
+from pipeline.errors import ConfigError, NonFiniteLoss
 from pipeline.runtime import StopRequest
-from pipeline.vae import fast_step
-from pipeline.vae.cuda_graph import GraphedSteps, make_capturable
+from pipeline.vae import cuda_graph, fast_step
+from pipeline.vae.cuda_graph import GraphedSteps
 from pipeline.vae.fast_step import FastStep
 from pipeline.vae.history import Epoch, with_terms
 from pipeline.vae.model import LOSS_TERMS, VAE, init_output_bias, loss_terms
@@ -167,56 +167,6 @@ def use_fast_step(
     return False
 
 
-def use_cuda_graphs(setting: str, device: torch.device) -> bool:
-    """train.cuda_graphs: `auto` captures the step in a CUDA graph on a GPU, `on` insists (a
-    one-line error on the CPU), `off` launches every kernel of every step (the eager reference)."""
-    if device.type == "cuda":
-        return setting != "off"
-    if setting == "on":
-        raise ConfigError(
-            f"train.cuda_graphs = on needs a CUDA device, and the device is {device.type};"
-            " set train.cuda_graphs to auto or off"
-        )
-    return False
-
-
-def step_state(model: VAE, optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
-    """Every tensor a training step updates: the parameters, then the optimizer's state."""
-    tensors = list(model.parameters())
-    for p in model.parameters():
-        tensors += [v for v in optimizer.state.get(p, {}).values() if torch.is_tensor(v)]
-    return tensors
-
-
-def capture_steps(
-    model: VAE,
-    optimizer: torch.optim.Optimizer,
-    images: torch.Tensor,
-    batch_size: int,
-    binarize: bool,
-    setting: str,
-    forward: Callable[..., torch.Tensor] = summed_terms,
-) -> GraphedSteps | None:
-    """The autograd step recorded in a CUDA graph (cuda_graph.py); None, saying why, when `auto`
-    finds it cannot be captured (`on` refuses in one line)."""
-    try:
-        make_capturable(optimizer, images.device)
-        step = partial(autograd_step, model, optimizer, forward=forward)
-        state = partial(step_state, model, optimizer)
-        return GraphedSteps(step, state, images, batch_size, binarize, len(LOSS_TERMS))
-    except (RuntimeError, ConfigError) as exc:
-        # A capture that fails inside the step ends with "a previous error during capture":
-        # name the error the step hit.
-        why = first_line(exc.__context__ if isinstance(exc.__context__, RuntimeError) else exc)
-        if setting == "on":
-            raise ConfigError(
-                f"train.cuda_graphs = on: the training step could not be captured in a CUDA "
-                f"graph ({why}); set train.cuda_graphs to off"
-            ) from None
-        print(f"train.cuda_graphs auto: eager steps, since the step could not be captured ({why})")
-        return None
-
-
 def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
     """Every group's learning rate, in place where it is a tensor."""
     for group in optimizer.param_groups:
@@ -305,16 +255,17 @@ def fit(
     lr_at: Callable[[int], float] | None = None,
     fast: bool = False,
     cuda_graphs: str = "off",
-    compile: str = "off",
+    forward: Callable[..., torch.Tensor] = summed_terms,
 ) -> Iterator[Epoch]:
     """Train epochs `first_epoch`..`epochs`, yielding each one's history row as it ends;
     `lr_at(epoch)`, when given, sets the learning rate of each epoch; `fast` as in
     `train_epoch`; `cuda_graphs` is train.cuda_graphs (the step captured once, before the first
-    epoch, after any checkpoint is loaded), `compile` train.compile (`forward_of`)."""
-    forward, graphed = forward_of(compile, train_images.device), None
-    if first_epoch <= epochs and use_cuda_graphs(cuda_graphs, train_images.device):
-        graphed = capture_steps(
-            model, optimizer, train_images, batch_size, binarize, cuda_graphs, forward
+    epoch, after any checkpoint is loaded); `forward` is train.compile's (`forward_of`)."""
+    graphed = None
+    if first_epoch <= epochs and cuda_graph.use_cuda_graphs(cuda_graphs, train_images.device):
+        step = partial(autograd_step, model, optimizer, forward=forward)
+        graphed = cuda_graph.capture(
+            step, model, optimizer, train_images, batch_size, binarize, cuda_graphs
         )
     for epoch in range(first_epoch, epochs + 1):
         lr = float(optimizer.param_groups[0]["lr"])

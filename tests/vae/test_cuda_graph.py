@@ -7,12 +7,13 @@ and its one-line errors are checked everywhere.
 from __future__ import annotations
 
 from copy import deepcopy
+from functools import partial
 
 import pytest
 import torch
 
 from pipeline.errors import ConfigError
-from pipeline.vae import training
+from pipeline.vae import cuda_graph, training
 from pipeline.vae.cuda_graph import make_capturable
 from pipeline.vae.model import VAE
 
@@ -25,11 +26,13 @@ PAPER = {"hidden_dim": 200, "latent_dim": 50, "hidden_layers": 2, "activation": 
 
 def test_auto_captures_on_a_gpu_only_and_on_refuses_a_cpu_in_one_line() -> None:
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert training.use_cuda_graphs("auto", cuda) and training.use_cuda_graphs("on", cuda)
-    assert not training.use_cuda_graphs("off", cuda)
-    assert not training.use_cuda_graphs("auto", cpu) and not training.use_cuda_graphs("off", cpu)
+    assert cuda_graph.use_cuda_graphs("auto", cuda) and cuda_graph.use_cuda_graphs("on", cuda)
+    assert not cuda_graph.use_cuda_graphs("off", cuda)
+    assert not cuda_graph.use_cuda_graphs("auto", cpu) and not cuda_graph.use_cuda_graphs(
+        "off", cpu
+    )
     with pytest.raises(ConfigError) as refused:
-        training.use_cuda_graphs("on", cpu)
+        cuda_graph.use_cuda_graphs("on", cpu)
     assert str(refused.value) == (
         "train.cuda_graphs = on needs a CUDA device, and the device is cpu; "
         "set train.cuda_graphs to auto or off"
@@ -40,10 +43,10 @@ def test_the_step_state_is_every_parameter_then_adams_moments() -> None:
     model = VAE(hidden_dim=8, latent_dim=2)
     optimizer = training.make_optimizer(model, 1e-3)
     n = len(list(model.parameters()))
-    assert len(training.step_state(model, optimizer)) == n  # Adam has no state before a step
+    assert len(cuda_graph.step_state(model, optimizer)) == n  # Adam has no state before a step
     index = torch.arange(4)
     training.autograd_step(model, optimizer, torch.rand(4, 784), index, False, torch.zeros(2))
-    state = training.step_state(model, optimizer)
+    state = cuda_graph.step_state(model, optimizer)
     assert len(state) == 4 * n  # and then its step, exp_avg and exp_avg_sq per parameter
     assert all(a is b for a, b in zip(state, model.parameters(), strict=False))
 
@@ -166,9 +169,10 @@ def test_a_step_that_cannot_be_captured_is_refused_or_run_eagerly(
     images = torch.rand(300, 784, device=device)
     model = Uncapturable(hidden_dim=16, latent_dim=2).to(device)
     optimizer = training.make_optimizer(model, 1e-3)
+    step = partial(training.autograd_step, model, optimizer)
     with pytest.raises(ConfigError, match=r"^train.cuda_graphs = on: the training step could not"):
-        training.capture_steps(model, optimizer, images, 128, False, "on")
-    assert training.capture_steps(model, optimizer, images, 128, False, "auto") is None
+        cuda_graph.capture(step, model, optimizer, images, 128, False, "on")
+    assert cuda_graph.capture(step, model, optimizer, images, 128, False, "auto") is None
     assert "train.cuda_graphs auto: eager steps" in capsys.readouterr().out
     rows = list(
         training.fit(
