@@ -83,7 +83,7 @@ def time_epochs(params: Params, images: torch.Tensor, path: str, epochs: int) ->
     forward = forward_of("on" if path == "compiled" else "off", images.device)
     steps = None
     if path != "eager":
-        step = partial(autograd_step, model, optimizer, forward=forward)
+        step = partial(autograd_step, forward=forward)
         steps = capture(step, model, optimizer, images, cfg.batch_size, binarize, "on")
     seconds = []
     for epoch in range(epochs + 1):

@@ -263,7 +263,7 @@ def fit(
     epoch, after any checkpoint is loaded); `forward` is train.compile's (`forward_of`)."""
     graphed = None
     if first_epoch <= epochs and cuda_graph.use_cuda_graphs(cuda_graphs, train_images.device):
-        step = partial(autograd_step, model, optimizer, forward=forward)
+        step = partial(autograd_step, forward=forward)
         graphed = cuda_graph.capture(
             step, model, optimizer, train_images, batch_size, binarize, cuda_graphs
         )

@@ -7,7 +7,6 @@ and its one-line errors are checked everywhere.
 from __future__ import annotations
 
 from copy import deepcopy
-from functools import partial
 
 import pytest
 import torch
@@ -80,6 +79,36 @@ def test_the_history_logs_the_scheduled_rate_not_its_float32_copy() -> None:
     rows = training.fit(model, optimizer, images, images, first_epoch=1, epochs=2, batch_size=16,
                         binarize=False, lr_at=lambda epoch: 1e-3 / epoch)  # fmt: skip
     assert [row.lr for row in rows] == [1e-3, 5e-4]
+
+
+@pytest.mark.parametrize("v0", [0.0, 1.0], ids=["fresh-adam", "burda-v0"])
+def test_sliced_adam_gives_the_bits_of_adams_own_step(
+    monkeypatch: pytest.MonkeyPatch, v0: float
+) -> None:
+    monkeypatch.setattr(cuda_graph, "SLICE", 96)  # the 8x784 weights in 66 slices, a bias in 1
+    images, index = torch.rand(40, 784), torch.arange(32)
+    runs = []
+    for sliced in (False, True):
+        torch.manual_seed(0)
+        model = VAE(hidden_dim=8, latent_dim=2)
+        optimizer = training.make_optimizer(model, 1e-3, v0=v0)
+        adam = cuda_graph.sliced_adam(optimizer) if sliced else optimizer
+        for _ in range(3):
+            training.autograd_step(model, adam, images, index, False, torch.zeros(2))
+        runs.append(cuda_graph.step_state(model, optimizer))
+    assert isinstance(adam, cuda_graph.SlicedAdam)
+    assert len(runs[0]) == len(runs[1]) == 4 * len(list(model.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(*runs, strict=True))
+
+
+def test_an_adam_the_kernel_does_not_cover_steps_itself() -> None:
+    model = VAE(hidden_dim=8, latent_dim=2)
+    for optimizer in (
+        torch.optim.Adam(model.parameters(), amsgrad=True, fused=True),
+        torch.optim.Adam(model.parameters()),  # foreach, not fused
+        torch.optim.SGD(model.parameters(), lr=0.1),
+    ):
+        assert cuda_graph.sliced_adam(optimizer) is optimizer
 
 
 def train(shape: dict, cuda_graphs: str, binarize: bool, epochs: int = 2) -> tuple:
@@ -169,7 +198,7 @@ def test_a_step_that_cannot_be_captured_is_refused_or_run_eagerly(
     images = torch.rand(300, 784, device=device)
     model = Uncapturable(hidden_dim=16, latent_dim=2).to(device)
     optimizer = training.make_optimizer(model, 1e-3)
-    step = partial(training.autograd_step, model, optimizer)
+    step = training.autograd_step
     with pytest.raises(ConfigError, match=r"^train.cuda_graphs = on: the training step could not"):
         cuda_graph.capture(step, model, optimizer, images, 128, False, "on")
     assert cuda_graph.capture(step, model, optimizer, images, 128, False, "auto") is None
