@@ -166,7 +166,13 @@ def postgres(root: Path, port: int, password: str) -> Iterator[tuple[str, subpro
 
         wait_until(f"PostgreSQL on 127.0.0.1:{port}", ready, server, log)
         query = [str(bin_dir / "psql"), *address, "-Atc", "SELECT datname FROM pg_database"]
-        found = subprocess.run(query, capture_output=True, text=True, env=env, check=True)
+        found = subprocess.run(query, capture_output=True, text=True, env=env)
+        if found.returncode != 0:  # its data made by a stack with another password, say
+            why = (found.stderr.strip().splitlines() or ["no message"])[-1]
+            raise StackError(
+                f"PostgreSQL on 127.0.0.1:{port} did not let the stack's superuser in ({why}); "
+                f"if its data in {data} are from a stack with another password, remove them"
+            )
         for name in set(DATABASES) - set(found.stdout.split()):
             subprocess.run([str(bin_dir / "createdb"), *address, name], env=env, check=True)
         yield f"postgresql+psycopg://postgres@127.0.0.1:{port}", server

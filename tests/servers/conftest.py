@@ -15,6 +15,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     # Under pytest's temporary root, mode 0700 like the clone's folder may be: PostgreSQL runs
     # as `nobody` under root, and must find its binaries and data all the same.
     root = tmp_path_factory.mktemp("stack")
+    # pytest reuses its folders' names: data that a killed session left for this root (outside
+    # it, where the service user cannot enter it) hold another password
+    remove_data(root)
     try:
         # The writer's login, S3 keys and PGPASSFILE for every client the tests start, as a
         # user who sourced .stack/writer.env; tests that act as someone else say so.

@@ -34,6 +34,29 @@ def test_the_stack_refuses_a_port_in_use_before_starting_anything(tmp_path: Path
     assert list(tmp_path.iterdir()) == []  # no data folder, no keys, no server
 
 
+@pytest.mark.slow
+def test_postgres_data_of_another_password_is_one_line_naming_the_folder(tmp_path: Path) -> None:
+    from pipeline.errors import StackError
+    from pipeline.tools.postgres import pg_home, postgres, service_user
+    from pipeline.tools.servers import free_port
+
+    (tmp_path / "logs").mkdir()
+    try:
+        with postgres(tmp_path, free_port(), "first password"):
+            pass
+        port = free_port()
+        with pytest.raises(StackError) as refused, postgres(tmp_path, port, "another password"):
+            pass
+    finally:
+        remove_data(tmp_path)
+    _, data = pg_home(tmp_path, service_user())
+    message = str(refused.value)
+    assert len(message.splitlines()) == 1 and "password authentication failed" in message
+    assert message.startswith(f"PostgreSQL on 127.0.0.1:{port} did not let the stack's superuser")
+    assert message.endswith(f"if its data in {data} are from a stack with another password, "
+                            "remove them")  # fmt: skip
+
+
 def test_a_server_that_exits_is_reported_with_its_last_error_line(tmp_path: Path) -> None:
     from pipeline.errors import StackError
     from pipeline.tools.servers import start, wait_until
