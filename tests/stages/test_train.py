@@ -98,8 +98,9 @@ def test_a_run_logs_every_epoch_the_grids_and_a_model_that_loads_back(
     assert grid_steps(client(), run_id) == [0, 1, 2, 3]  # step 0: the untrained decoder
     assert grid_steps(client(), run_id, "reconstructions") == [0, 1, 2, 3]
     grid = client().download_artifacts(run_id, "images")
-    sizes = {Image.open(png).size for png in Path(grid).glob("generated+step+0+*.png")}
-    assert sizes == {(3 * (8 * 30 + 2), 3 * (8 * 30 + 2))}  # 8x8 digits, three times their size
+    pictures = [Image.open(png) for png in Path(grid).glob("generated+step+0+*.png")]
+    assert {(p.size, p.mode) for p in pictures} == {((3 * 242, 3 * 242), "L")}  # 8x8 digits,
+    # three times their size, grey
     assert client().list_artifacts(run_id, "figures") == []  # the sample stage draws figures
 
     # Runs people can tell apart: a name, a description, the data, the machine's load.

@@ -17,3 +17,4 @@ def test_digit_grids_match_torchvisions_make_grid(count: int, nrow: int, scale: 
     expected = (expected.permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
     grid = digit_grid(images, nrow, scale)
     assert grid.shape == expected.shape and (grid == expected).all()
+    assert (digit_grid(images, nrow, scale, grey=True) == expected[..., 0]).all()
