@@ -15,7 +15,7 @@ from pipeline.data.splits import load_test_set, training_images
 from pipeline.data.weights import save_vae
 from pipeline.errors import Interrupted, reports_errors
 from pipeline.tracking import runs, store
-from pipeline.vae import grids, training
+from pipeline.vae import grids, step, training
 from pipeline.vae.cuda_graph import use_cuda_graphs
 from pipeline.vae.history import HISTORY_FIELDS, time_left
 from pipeline.vae.model import VAE
@@ -31,9 +31,9 @@ def train(params: Params) -> None:
     binarize = data.binarize == "dynamic"
     test_x, _ = load_test_set(paths.TEST_SPLIT, binarize, data.binarize_seed, device)
     model, optimizer = training.vae_and_optimizer(shape, cfg, train_x)
-    fast = training.use_fast_step(cfg.step, model, optimizer, train_x)
+    fast = step.use_fast_step(cfg.step, model, optimizer, train_x)
     use_cuda_graphs(cfg.cuda_graphs, device)  # `on` without a GPU fails here, at once
-    forward = training.forward_of(cfg.compile, device)  # likewise
+    forward = step.forward_of(cfg.compile, device)  # likewise
     key = fingerprint(params, paths.TRAIN_SPLIT)
     history, run_id, previous_run = resume_or_start(
         paths.CHECKPOINT, key, cfg.epochs, model, optimizer, store.has_run

@@ -51,7 +51,8 @@ from pipeline.tools.bench_step import (
     verdict,
 )
 from pipeline.vae.model import VAE, loss_terms
-from pipeline.vae.training import train_epoch, use_fast_step, vae_and_optimizer
+from pipeline.vae.step import use_fast_step
+from pipeline.vae.training import train_epoch, vae_and_optimizer
 
 # ours against the DataLoader path and the floor; the stage's epochs against ours; the stage's
 # time outside its epochs (imports, the store, pictures, checkpoints, the model) in seconds.

@@ -23,7 +23,8 @@ from pipeline.config import load_params_with, read_preset
 from pipeline.data.splits import load_split
 from pipeline.paths import TRAIN_SPLIT
 from pipeline.vae.fast_step import FastStep
-from pipeline.vae.training import autograd_step, vae_and_optimizer
+from pipeline.vae.step import autograd_step
+from pipeline.vae.training import vae_and_optimizer
 
 TARGET_PAPER_OVER_FLOOR = 2.0  # the paper's step against its matrix products alone
 # The paper's step is timed in short rounds, the paths in turn, so that each of them meets the

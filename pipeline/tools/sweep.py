@@ -38,7 +38,7 @@ from pipeline.tools.study import (
     summarise,
 )
 from pipeline.tracking import store
-from pipeline.vae import training
+from pipeline.vae import step, training
 
 
 def suggest(trial: optuna.Trial, space: dict) -> dict:
@@ -114,7 +114,7 @@ class Objective:
         cfg, shape = trial_params.train, trial_params.model
         torch.manual_seed(cfg.seed + trial.number)
         model, optimizer = training.vae_and_optimizer(shape, cfg, self.train_x)
-        fast = training.use_fast_step(cfg.step, model, optimizer, self.train_x)
+        fast = step.use_fast_step(cfg.step, model, optimizer, self.train_x)
         epochs = training.fit(
             model, optimizer, self.train_x, self.held_out, first_epoch=1,
             epochs=self.params.sweep.epochs, batch_size=cfg.batch_size,

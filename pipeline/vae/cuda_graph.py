@@ -2,9 +2,9 @@
 
 On a GPU a step of the lab's small network is dozens of tiny kernels, each launched from Python:
 the launches, not the arithmetic, set the pace. A CUDA graph records the step's kernels once and
-replays them with one launch. What it records is `training.autograd_step` itself (model.py's loss,
-autograd's gradients, fused Adam), so the arithmetic is the reference path's; what changes is where
-a step finds what differs from one step to the next, since a replay reads the same memory:
+replays them with one launch. What it records is vae/step.py's `autograd_step` itself (model.py's
+loss, autograd's gradients, fused Adam), so the arithmetic is the reference path's; what changes
+is where a step finds what differs from one step to the next, since a replay reads the same memory:
 
 - its batch: the epoch's permutation lies in one resident (batches, batch_size) tensor, and the
   step gathers row `counter`, a device tensor the step then increments;
@@ -54,8 +54,8 @@ def capture(
     binarize: bool,
     setting: str,
 ) -> GraphedSteps | None:
-    """`step(model, optimizer, ...)` (training.autograd_step) recorded in CUDA graphs, with Adam
-    stepped by `sliced_adam`; None, saying why, when `auto` finds it cannot be captured (`on`
+    """`step(model, optimizer, ...)` (vae/step.py's `autograd_step`) recorded in CUDA graphs, with
+    Adam stepped by `sliced_adam`; None, saying why, when `auto` finds it cannot be captured (`on`
     refuses in one line)."""
     try:
         make_capturable(optimizer, images.device)
@@ -97,14 +97,19 @@ def make_capturable(optimizer: torch.optim.Optimizer, device: torch.device) -> N
         group["lr"] = torch.tensor(float(group["lr"]), device=device)
 
 
-SLICE = 16_384  # elements of a parameter that one block of Adam's kernel updates
+# Elements of a parameter that one block of Adam's kernel updates: a multiple of the kernel's
+# 4-element vectors (and of the CPU's 8 and 16), so every element takes the path it takes unsliced.
+SLICE = 16_384
 
 
 def sliced_adam(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer | SlicedAdam:
     """`optimizer` stepped over slices where it is the fused Adam of `make_optimizer` (no amsgrad,
-    no decoupled weight decay); otherwise `optimizer` itself."""
+    no decoupled weight decay, contiguous parameters); otherwise `optimizer` itself."""
     plain = any(
-        group.get("amsgrad") or group.get("decoupled_weight_decay") or not group.get("fused")
+        group.get("amsgrad")
+        or group.get("decoupled_weight_decay")
+        or not group.get("fused")
+        or not all(p.is_contiguous() for p in group["params"])
         for group in optimizer.param_groups
     )
     return optimizer if plain or type(optimizer) is not torch.optim.Adam else SlicedAdam(optimizer)
@@ -115,8 +120,9 @@ class SlicedAdam:
     each parameter, its gradient and its moments.
 
     The kernel gives each tensor's 65,536-element chunks a block each: the lab's ten parameters
-    made 16 blocks for a GPU of 132 multiprocessors, 65 us of a 292 us step (H200, profiled).
-    It is element-wise, so every weight goes through the same arithmetic: the bits of `step()`.
+    made 18 blocks for a GPU of 132 multiprocessors, 65 us of a 292 us step (H200, profiled).
+    It is element-wise, and a slice boundary falls between its vectors (SLICE), so every weight
+    goes through the same arithmetic: the bits of `step()` (tested on the CPU and the GPU).
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer) -> None:
@@ -129,6 +135,8 @@ class SlicedAdam:
     def step(self) -> None:
         for group in self.optimizer.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
+            if not params:  # as torch's Adam: a group without gradients is left alone
+                continue
             states = [self.state(p) for p in params]
             steps = [s["step"] for s in states]
             torch._foreach_add_(steps, 1)
@@ -137,8 +145,8 @@ class SlicedAdam:
                 pieces = [
                     t.view(-1).split(SLICE) for t in (p, p.grad, s["exp_avg"], s["exp_avg_sq"])
                 ]
-                for i, piece in enumerate(pieces):
-                    lists[i] += piece
+                for pieces_of, piece in zip(lists, pieces, strict=False):
+                    pieces_of += piece
                 lists[4] += [count] * len(pieces[0])  # each slice reads its parameter's step
             beta1, beta2 = group["betas"]
             torch._fused_adam_(
@@ -173,10 +181,10 @@ class GraphedSteps:
     """An epoch of `step(images, index, binarize, terms)` as CUDA graph replays: one graph for the
     full batches, one for the smaller last batch when there is one.
 
-    `step` is training.autograd_step bound to its model and its Adam; `state` lists every tensor
-    the step updates (the parameters and the optimizer's state), put back as they were after the
-    warm-up steps that capture needs, so the graphed run starts where the eager one would. The
-    warm-up and the capture run on one stream: autograd ties each parameter's gradient
+    `step` is vae/step.py's `autograd_step` bound to its model and its Adam; `state` lists every
+    tensor the step updates (the parameters and the optimizer's state), put back as they were
+    after the warm-up steps that capture needs, so the graphed run starts where the eager one
+    would. The warm-up and the capture run on one stream: autograd ties each parameter's gradient
     accumulator to the stream it was made on, and a capture may not wait on another stream.
     """
 

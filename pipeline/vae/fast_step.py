@@ -162,7 +162,7 @@ class FastStep:
             self.buffers[size] = Buffers.allocate(self.model, size, self.params.device)
         b = self.buffers[size]
         torch.index_select(images, 0, index, out=b.x)
-        if binarize:  # Bernoulli(x) as U < x: the draws of training.py's binarisation
+        if binarize:  # Bernoulli(x) as U < x: the draws of step.py's binarisation
             torch.lt(b.pixels.uniform_(), b.x, out=b.x)
         return b
 

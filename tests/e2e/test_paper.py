@@ -39,7 +39,7 @@ def test_the_short_paper_preset_runs_burdas_protocol_as_a_dvc_experiment(
     metrics = json.loads((repo / EVAL_METRICS).read_text())
     assert 0 < metrics["log_px_iwae_se"] < 1 and metrics["active_units"] <= 50
     # Dynamically binarised pixels: about 111 nats after 2 epochs at k = 20 (measured).
-    assert -115 < metrics["log_px_iwae"] < -90
+    assert -115 < metrics["log_px_iwae"] < -105
 
     client = store(repo)
     experiment = client.get_experiment_by_name("mnist-vae")

@@ -38,6 +38,7 @@ from pipeline.paths import (
 from pipeline.stages import train as train_stage
 from pipeline.tracking import runs
 from pipeline.vae import fast_step, training
+from pipeline.vae import step as vae_step
 from pipeline.vae.fast_step import FastStep
 
 
@@ -270,7 +271,7 @@ def spy_on_training_batches(
         monkeypatch.setattr(FastStep, "forward", spy)
         monkeypatch.setattr(fast_step, "differs_from_autograd", checked)
         return
-    loss_terms = training.loss_terms
+    loss_terms = vae_step.loss_terms
 
     def spy(model, x, generator=None, eps=None):
         recon, kl = loss_terms(model, x, generator, eps)
@@ -278,7 +279,7 @@ def spy_on_training_batches(
             change(next(calls), x, recon)
         return recon, kl
 
-    monkeypatch.setattr(training, "loss_terms", spy)
+    monkeypatch.setattr(vae_step, "loss_terms", spy)
 
 
 @pytest.mark.parametrize("step", ["fast", "autograd"])

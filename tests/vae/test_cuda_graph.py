@@ -13,6 +13,7 @@ import torch
 
 from pipeline.errors import ConfigError
 from pipeline.vae import cuda_graph, training
+from pipeline.vae import step as vae_step
 from pipeline.vae.cuda_graph import make_capturable
 from pipeline.vae.model import VAE
 
@@ -44,7 +45,7 @@ def test_the_step_state_is_every_parameter_then_adams_moments() -> None:
     n = len(list(model.parameters()))
     assert len(cuda_graph.step_state(model, optimizer)) == n  # Adam has no state before a step
     index = torch.arange(4)
-    training.autograd_step(model, optimizer, torch.rand(4, 784), index, False, torch.zeros(2))
+    vae_step.autograd_step(model, optimizer, torch.rand(4, 784), index, False, torch.zeros(2))
     state = cuda_graph.step_state(model, optimizer)
     assert len(state) == 4 * n  # and then its step, exp_avg and exp_avg_sq per parameter
     assert all(a is b for a, b in zip(state, model.parameters(), strict=False))
@@ -81,32 +82,51 @@ def test_the_history_logs_the_scheduled_rate_not_its_float32_copy() -> None:
     assert [row.lr for row in rows] == [1e-3, 5e-4]
 
 
-@pytest.mark.parametrize("v0", [0.0, 1.0], ids=["fresh-adam", "burda-v0"])
+def adam_of(model: VAE, setting: str) -> torch.optim.Optimizer:
+    """make_optimizer's Adam, or one with weight decay and maximize in a second group, the
+    decoder's last bias frozen and the logvar head in a third group that gets no gradients."""
+    if setting != "groups":
+        return training.make_optimizer(model, 1e-3, v0=1.0 if setting == "burda-v0" else 0.0)
+    model.decoder[-1].bias.requires_grad_(False)
+    head = list(model.to_logvar.parameters())
+    for p in head:
+        p.requires_grad_(False)
+    decoder = [p for p in model.decoder.parameters()]
+    rest = [p for p in model.parameters() if all(p is not q for q in head + decoder)]
+    groups = [{"params": rest}, {"params": decoder, "weight_decay": 0.1, "maximize": True}]
+    return torch.optim.Adam(groups + [{"params": head}], lr=1e-3, fused=True)
+
+
+@pytest.mark.parametrize("setting", ["fresh-adam", "burda-v0", "groups"])
 def test_sliced_adam_gives_the_bits_of_adams_own_step(
-    monkeypatch: pytest.MonkeyPatch, v0: float
+    monkeypatch: pytest.MonkeyPatch, setting: str
 ) -> None:
-    monkeypatch.setattr(cuda_graph, "SLICE", 96)  # the 8x784 weights in 66 slices, a bias in 1
+    # 96: a multiple of the CPU kernel's vectors, as SLICE is (a slice boundary inside a vector
+    # would round that vector's elements the other way); the 8x784 weights in 66 slices
+    monkeypatch.setattr(cuda_graph, "SLICE", 96)
     images, index = torch.rand(40, 784), torch.arange(32)
     runs = []
     for sliced in (False, True):
         torch.manual_seed(0)
         model = VAE(hidden_dim=8, latent_dim=2)
-        optimizer = training.make_optimizer(model, 1e-3, v0=v0)
+        optimizer = adam_of(model, setting)
         adam = cuda_graph.sliced_adam(optimizer) if sliced else optimizer
         for _ in range(3):
-            training.autograd_step(model, adam, images, index, False, torch.zeros(2))
+            vae_step.autograd_step(model, adam, images, index, False, torch.zeros(2))
         runs.append(cuda_graph.step_state(model, optimizer))
     assert isinstance(adam, cuda_graph.SlicedAdam)
-    assert len(runs[0]) == len(runs[1]) == 4 * len(list(model.parameters()))
+    assert len(runs[0]) == len(runs[1]) > len(list(model.parameters()))
     assert all(torch.equal(a, b) for a, b in zip(*runs, strict=True))
 
 
 def test_an_adam_the_kernel_does_not_cover_steps_itself() -> None:
     model = VAE(hidden_dim=8, latent_dim=2)
+    strided = torch.nn.Parameter(torch.zeros(4, 6).t())  # a view that is not contiguous
     for optimizer in (
         torch.optim.Adam(model.parameters(), amsgrad=True, fused=True),
         torch.optim.Adam(model.parameters()),  # foreach, not fused
         torch.optim.SGD(model.parameters(), lr=0.1),
+        torch.optim.Adam([strided], fused=True),
     ):
         assert cuda_graph.sliced_adam(optimizer) is optimizer
 
@@ -153,7 +173,7 @@ def test_the_compiled_forward_computes_what_the_eager_forward_computes() -> None
     torch.manual_seed(0)
     model = VAE(**PAPER).to(device)
     results = []
-    for forward in (training.summed_terms, training.forward_of("on", device)):
+    for forward in (vae_step.summed_terms, vae_step.forward_of("on", device)):
         copy = deepcopy(model)
         summed = forward(copy, x, eps)
         summed.sum().backward()
@@ -165,9 +185,9 @@ def test_the_compiled_forward_computes_what_the_eager_forward_computes() -> None
 
 
 def test_compile_is_for_a_gpu_and_off_is_the_plain_forward() -> None:
-    assert training.forward_of("off", torch.device("cpu")) is training.summed_terms
+    assert vae_step.forward_of("off", torch.device("cpu")) is vae_step.summed_terms
     with pytest.raises(ConfigError) as refused:
-        training.forward_of("on", torch.device("cpu"))
+        vae_step.forward_of("on", torch.device("cpu"))
     assert str(refused.value) == (
         "train.compile = on needs a CUDA device, and the device is cpu; set train.compile to off"
     )
@@ -198,7 +218,7 @@ def test_a_step_that_cannot_be_captured_is_refused_or_run_eagerly(
     images = torch.rand(300, 784, device=device)
     model = Uncapturable(hidden_dim=16, latent_dim=2).to(device)
     optimizer = training.make_optimizer(model, 1e-3)
-    step = training.autograd_step
+    step = vae_step.autograd_step
     with pytest.raises(ConfigError, match=r"^train.cuda_graphs = on: the training step could not"):
         cuda_graph.capture(step, model, optimizer, images, 128, False, "on")
     assert cuda_graph.capture(step, model, optimizer, images, 128, False, "auto") is None

@@ -11,7 +11,8 @@ from pipeline.errors import ConfigError
 from pipeline.vae import fast_step
 from pipeline.vae.fast_step import FastStep
 from pipeline.vae.model import VAE, loss_terms
-from pipeline.vae.training import autograd_step, make_optimizer, train_epoch, use_fast_step
+from pipeline.vae.step import autograd_step, use_fast_step
+from pipeline.vae.training import make_optimizer, train_epoch
 
 # (hidden layers, activation, hidden, latent, batch): the paper's network at its batch of 20, the
 # lab's at 128, and a last partial batch

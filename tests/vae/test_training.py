@@ -10,6 +10,7 @@ import torch
 
 from pipeline.errors import Interrupted, NonFiniteLoss
 from pipeline.runtime import StopRequest
+from pipeline.vae import step as vae_step
 from pipeline.vae import training
 from pipeline.vae.model import VAE, loss_terms
 from pipeline.vae.training import evaluate_loss, fit, make_optimizer, train_epoch
@@ -32,7 +33,7 @@ def spy_on_steps(monkeypatch: pytest.MonkeyPatch) -> list[tuple[torch.Tensor, fl
             steps.append((x.detach().clone(), recon.sum().item(), kl.sum().item()))
         return recon, kl
 
-    monkeypatch.setattr(training, "loss_terms", spy)
+    monkeypatch.setattr(vae_step, "loss_terms", spy)
     return steps
 
 
@@ -84,7 +85,7 @@ def test_a_non_finite_loss_names_the_epoch_and_the_batch(monkeypatch: pytest.Mon
         calls["n"] += 1
         return (recon * float("inf"), kl) if calls["n"] == 2 else (recon, kl)
 
-    monkeypatch.setattr(training, "loss_terms", nan_in_batch_2)
+    monkeypatch.setattr(vae_step, "loss_terms", nan_in_batch_2)
     with pytest.raises(NonFiniteLoss) as raised:
         train_epoch(model, optimizer, images, 16, False, 4, 9)
     assert str(raised.value) == (
@@ -136,7 +137,7 @@ def test_fit_passes_its_epoch_and_binarisation_to_each_epoch(
     assert [row.seconds for row in epochs] == [2.5, 1.0]
     assert all(set(x.unique().tolist()) == {0.0, 1.0} for x, _, _ in steps)
     nan = [t * torch.nan for t in loss_terms(model, images)]
-    monkeypatch.setattr(training, "loss_terms", lambda *args, **kwargs: nan)
+    monkeypatch.setattr(vae_step, "loss_terms", lambda *args, **kwargs: nan)
     with pytest.raises(NonFiniteLoss, match=r"at epoch 3, batch 1 of 1"):
         next(fit(model, optimizer, images, images, first_epoch=3, epochs=7, batch_size=16,
                  binarize=False))  # fmt: skip
