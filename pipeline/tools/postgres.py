@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from pipeline.errors import StackError
-from pipeline.tools.servers import start, stop, wait_until
+from pipeline.tools.servers import last_error_line, start, stop, wait_until
 
 DATABASES = (
     "mlflow",
@@ -168,7 +168,7 @@ def postgres(root: Path, port: int, password: str) -> Iterator[tuple[str, subpro
         query = [str(bin_dir / "psql"), *address, "-Atc", "SELECT datname FROM pg_database"]
         found = subprocess.run(query, capture_output=True, text=True, env=env)
         if found.returncode != 0:  # its data made by a stack with another password, say
-            why = (found.stderr.strip().splitlines() or ["no message"])[-1]
+            why = last_error_line(found.stderr)
             raise StackError(
                 f"PostgreSQL on 127.0.0.1:{port} did not let the stack's superuser in ({why}); "
                 f"if its data in {data} are from a stack with another password, remove them"

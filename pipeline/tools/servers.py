@@ -105,7 +105,12 @@ def wait_until(name: str, ready: Callable[[], bool], process: subprocess.Popen, 
 
 def why_it_stopped(log: Path) -> str:
     """The log's last error line, or its last line."""
-    lines = log.read_text(errors="replace").strip().splitlines() or ["no output"]
+    return last_error_line(log.read_text(errors="replace"))
+
+
+def last_error_line(text: str) -> str:
+    """A program's output: its last error line, or its last line (at most 200 characters)."""
+    lines = text.strip().splitlines() or ["no output"]
     errors = [
         line for line in lines if any(w in line for w in ("FATAL", "ERROR", "error", "Error"))
     ]

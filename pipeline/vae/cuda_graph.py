@@ -12,7 +12,7 @@ is where a step finds what differs from one step to the next, since a replay rea
   which PyTorch registers with every graph, so each replay draws the numbers the eager step would;
 - its learning rate: a device tensor in Adam's group (fused, `capturable=True`), which the staged
   schedule refills between epochs: no new capture;
-- Adam's kernel over slices of the parameters (`SlicedAdam`), so that it keeps the GPU busy;
+- Adam's kernel over slices of the parameters (sliced_adam.py), so that it keeps the GPU busy;
 - its loss terms: written into row `counter` of the epoch's per-batch table.
 
 An epoch's last, smaller batch (60,000 = 468 x 128 + 96) has a graph of its own.
@@ -28,6 +28,7 @@ from torch import nn
 
 from pipeline.errors import ConfigError, first_line
 from pipeline.vae.model import LOSS_TERMS
+from pipeline.vae.sliced_adam import sliced_adam
 
 WARM_UP_STEPS = 3  # eager steps on a side stream before capture, as torch.cuda.graph asks
 
@@ -61,7 +62,7 @@ def capture(
         make_capturable(optimizer, images.device)
         state = partial(step_state, model, optimizer)
         bound = partial(step, model, sliced_adam(optimizer))
-        return GraphedSteps(bound, state, images, batch_size, binarize, len(LOSS_TERMS))
+        return GraphedSteps(bound, state, images, batch_size, binarize)
     except (RuntimeError, ConfigError) as exc:
         # A capture that fails inside the step ends with "a previous error during capture":
         # name the error the step hit.
@@ -97,75 +98,6 @@ def make_capturable(optimizer: torch.optim.Optimizer, device: torch.device) -> N
         group["lr"] = torch.tensor(float(group["lr"]), device=device)
 
 
-# Elements of a parameter that one block of Adam's kernel updates: a multiple of the kernel's
-# 4-element vectors (and of the CPU's 8 and 16), so every element takes the path it takes unsliced.
-SLICE = 16_384
-
-
-def sliced_adam(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer | SlicedAdam:
-    """`optimizer` stepped over slices where it is the fused Adam of `make_optimizer` (no amsgrad,
-    no decoupled weight decay, contiguous parameters); otherwise `optimizer` itself."""
-    plain = any(
-        group.get("amsgrad")
-        or group.get("decoupled_weight_decay")
-        or not group.get("fused")
-        or not all(p.is_contiguous() for p in group["params"])
-        for group in optimizer.param_groups
-    )
-    return optimizer if plain or type(optimizer) is not torch.optim.Adam else SlicedAdam(optimizer)
-
-
-class SlicedAdam:
-    """The step of a fused Adam, by the same CUDA kernel, over views of at most SLICE elements of
-    each parameter, its gradient and its moments.
-
-    The kernel gives each tensor's 65,536-element chunks a block each: the lab's ten parameters
-    made 18 blocks for a GPU of 132 multiprocessors, 65 us of a 292 us step (H200, profiled).
-    It is element-wise, and a slice boundary falls between its vectors (SLICE), so every weight
-    goes through the same arithmetic: the bits of `step()` (tested on the CPU and the GPU).
-    """
-
-    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
-        self.optimizer = optimizer
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        self.optimizer.zero_grad(set_to_none=set_to_none)
-
-    @torch.no_grad()
-    def step(self) -> None:
-        for group in self.optimizer.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
-            if not params:  # as torch's Adam: a group without gradients is left alone
-                continue
-            states = [self.state(p) for p in params]
-            steps = [s["step"] for s in states]
-            torch._foreach_add_(steps, 1)
-            lists: list[list[torch.Tensor]] = [[], [], [], [], []]
-            for p, s, count in zip(params, states, steps, strict=True):
-                pieces = [
-                    t.view(-1).split(SLICE) for t in (p, p.grad, s["exp_avg"], s["exp_avg_sq"])
-                ]
-                for pieces_of, piece in zip(lists, pieces, strict=False):
-                    pieces_of += piece
-                lists[4] += [count] * len(pieces[0])  # each slice reads its parameter's step
-            beta1, beta2 = group["betas"]
-            torch._fused_adam_(
-                *lists[:4], [], lists[4], lr=group["lr"], beta1=beta1, beta2=beta2,
-                weight_decay=group["weight_decay"], eps=group["eps"], amsgrad=False,
-                maximize=group["maximize"],
-            )  # fmt: skip
-
-    def state(self, p: torch.Tensor) -> dict:
-        """`p`'s Adam state, made as torch's Adam makes it (fused: the step a float32 tensor on
-        the device) when it has none."""
-        state = self.optimizer.state[p]
-        if not state:
-            state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        return state
-
-
 def restore(tensors: list[torch.Tensor], before: list[torch.Tensor]) -> None:
     """Put `tensors` back to `before`; those beyond it (the optimizer's state, which a warm-up
     creates where there was none) to zero, as a fresh Adam starts."""
@@ -195,7 +127,6 @@ class GraphedSteps:
         images: torch.Tensor,
         batch_size: int,
         binarize: bool,
-        n_terms: int,
     ) -> None:
         self.step, self.images, self.binarize = step, images, binarize
         self.full, tail = divmod(len(images), batch_size)
@@ -203,8 +134,8 @@ class GraphedSteps:
         self.batches = torch.zeros(self.full, batch_size, dtype=torch.long, device=device)
         self.tail = torch.arange(tail, device=device)  # the last batch's images
         self.counter = torch.zeros(1, dtype=torch.long, device=device)
-        self.sums = torch.zeros(self.full + (tail > 0), n_terms, device=device)  # per batch
-        self.terms = torch.zeros(n_terms, device=device)
+        self.sums = torch.zeros(self.full + (tail > 0), len(LOSS_TERMS), device=device)  # per batch
+        self.terms = torch.zeros(len(LOSS_TERMS), device=device)
         self.stream = torch.cuda.Stream(device)
         recorded = [(self.full_step, self.full), (self.last_step, tail)]
         self.graphs = self.capture([steps for steps, count in recorded if count], state)

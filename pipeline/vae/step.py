@@ -13,9 +13,15 @@ from pipeline.vae import fast_step
 from pipeline.vae.model import VAE, loss_terms
 
 
-def summed_terms(model: VAE, x: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-    """The batch's reconstruction and KL terms, each summed over its images (model.py's loss)."""
-    return torch.stack([term.sum() for term in loss_terms(model, x, eps=eps)])
+def summed_terms(
+    model: VAE,
+    x: torch.Tensor,
+    eps: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """The batch's reconstruction and KL terms, each summed over its images (model.py's loss);
+    the noise `eps`, or drawn from `generator`."""
+    return torch.stack([term.sum() for term in loss_terms(model, x, generator, eps=eps)])
 
 
 def autograd_step(

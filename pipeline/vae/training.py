@@ -22,7 +22,7 @@ from pipeline.vae import cuda_graph
 from pipeline.vae.cuda_graph import GraphedSteps
 from pipeline.vae.fast_step import FastStep
 from pipeline.vae.history import Epoch, with_terms
-from pipeline.vae.model import LOSS_TERMS, VAE, init_output_bias, loss_terms
+from pipeline.vae.model import LOSS_TERMS, VAE, init_output_bias
 from pipeline.vae.step import autograd_step, summed_terms
 
 
@@ -165,7 +165,7 @@ def evaluate_loss(
     generator = torch.Generator(images.device).manual_seed(seed)
     sums = torch.zeros(len(LOSS_TERMS), device=images.device)
     for x in images.split(batch_size):
-        sums += torch.stack([term.sum() for term in loss_terms(model, x, generator)])
+        sums += summed_terms(model, x, generator=generator)
     return tuple((sums / len(images)).tolist())
 
 
@@ -196,10 +196,11 @@ def fit(
             step, model, optimizer, train_images, batch_size, binarize, cuda_graphs
         )
     for epoch in range(first_epoch, epochs + 1):
-        lr = float(optimizer.param_groups[0]["lr"])
         if lr_at is not None:
             lr = lr_at(epoch)  # as scheduled: a graphed step's device copy reads back in float32
             set_learning_rate(optimizer, lr)
+        else:
+            lr = float(optimizer.param_groups[0]["lr"])
         start = time.perf_counter()
         train = train_epoch(
             model, optimizer, train_images, batch_size, binarize, epoch, epochs, stop, fast,
