@@ -3,9 +3,12 @@ errors when it cannot be used."""
 
 from __future__ import annotations
 
+import fcntl
 import os
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import mlflow
@@ -38,8 +41,12 @@ def store_root(cwd: Path | None = None) -> Path:
     return root
 
 
+def local_store_uri() -> str:
+    return f"sqlite:///{store_root() / 'mlflow.db'}"
+
+
 def tracking_uri() -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{store_root() / 'mlflow.db'}"
+    return os.environ.get("MLFLOW_TRACKING_URI") or local_store_uri()
 
 
 def check_reachable(uri: str) -> None:
@@ -66,17 +73,38 @@ def connect(experiment: str) -> str:
     check_reachable(uri)
     mlflow.set_tracking_uri(uri)
     try:
-        found = mlflow.get_experiment_by_name(experiment)
+        with first_opening(uri):
+            found = mlflow.get_experiment_by_name(experiment)
     except Exception as exc:  # SQLAlchemy's or MLflow's: the store itself is unusable
         raise store_error(uri, exc) from None
     if found is not None:
         return found.experiment_id
-    # Only the default local store gets an explicit artifact folder; a server decides its own.
-    location = None if "MLFLOW_TRACKING_URI" in os.environ else (store_root() / "mlruns").as_uri()
+    # Only the local store gets an explicit artifact folder (a server decides its own): MLflow's
+    # default, ./mlruns, would be the queue worker's copy of the repository, deleted afterwards.
+    # (Not decided by MLFLOW_TRACKING_URI: mlflow.set_tracking_uri sets it, above.)
+    location = (store_root() / "mlruns").as_uri() if uri == local_store_uri() else None
     try:
         return mlflow.create_experiment(experiment, artifact_location=location)
     except MlflowException:  # created meanwhile by a parallel experiment
         return mlflow.get_experiment_by_name(experiment).experiment_id
+
+
+@contextmanager
+def first_opening(uri: str) -> Iterator[None]:
+    """Open a SQLite store one process at a time: queue workers started together (`dvc queue
+    start -j 2`) on a store that does not exist yet would each create its tables, and all but one
+    fail ('table ... already exists'). The lock is advisory (flock) on the database file itself,
+    which SQLite's own locks (fcntl) do not see; the others wait and then find the tables."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    # O_CREAT: an empty file, which SQLite takes for an empty database; read-only suffices to lock
+    database = os.open(uri.removeprefix("sqlite:///"), os.O_RDONLY | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(database, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(database)
 
 
 def store_error(uri: str, exc: Exception) -> TrackingError:

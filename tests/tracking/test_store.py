@@ -1,0 +1,59 @@
+"""The MLflow store: a new SQLite store opened by several processes at once."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from helpers.repo import store
+from pipeline.paths import REPO_ROOT
+
+# Each process waits for the go file, then opens the store, as a train stage does first.
+OPEN_AT_THE_SIGNAL = """
+import sys, time
+from pathlib import Path
+from pipeline.tracking import store
+while not Path("go").exists():
+    time.sleep(0.01)
+print(store.connect("mnist-vae"))
+"""
+
+
+@pytest.mark.slow
+def test_processes_opening_a_new_store_together_create_it_once(tmp_path: Path) -> None:
+    # `dvc queue start -j 2` in a fresh clone: the stages' first MLflow calls meet on no store.
+    env = {key: value for key, value in os.environ.items() if key != "MLFLOW_TRACKING_URI"}
+    env["PYTHONPATH"] = str(REPO_ROOT)
+    workers = [
+        subprocess.Popen(
+            [sys.executable, "-c", OPEN_AT_THE_SIGNAL],
+            cwd=tmp_path,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(3)
+    ]
+    (tmp_path / "go").touch()
+    results = [worker.communicate(timeout=120) for worker in workers]
+    assert [worker.returncode for worker in workers] == [0, 0, 0], results
+    (experiment_id,) = {out.strip() for out, _ in results}
+    assert store(tmp_path).get_experiment(experiment_id).name == "mnist-vae"
+
+
+def test_a_queue_workers_copy_creates_the_experiment_with_its_artifacts_in_the_repository(
+    workdir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pipeline.tracking.store import connect
+
+    copy = workdir / ".dvc" / "tmp" / "exps" / "tmp1234"  # where `dvc queue start` runs stages
+    copy.mkdir(parents=True)
+    monkeypatch.chdir(copy)
+    experiment = store(workdir).get_experiment(connect("mnist-vae"))
+    assert experiment.artifact_location == (workdir / "mlruns").as_uri()
+    assert not (copy / "mlflow.db").exists()
