@@ -18,7 +18,6 @@ import psycopg
 import pytest
 import yaml
 from mlflow.exceptions import MlflowException
-from mlflow.server.auth.client import AuthServiceClient
 from mlflow.tracking import MlflowClient
 
 from helpers.repo import dvc, environment, git_commit, grid_steps, python_m, wait_for
@@ -244,6 +243,9 @@ def test_a_wrong_or_missing_password_is_one_line_naming_the_server_and_the_varia
 def test_a_new_user_gets_nothing_it_was_not_given(
     team_repo: Path, stack: Stack, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # Imported here: mlflow.server takes 1.3 s to import, which the fast loop would pay too.
+    from mlflow.server.auth.client import AuthServiceClient
+
     admin = {"MLFLOW_TRACKING_USERNAME": "admin"}
     admin["MLFLOW_TRACKING_PASSWORD"] = stack.keys["admin_password"]
     with monkeypatch.context() as as_admin:
