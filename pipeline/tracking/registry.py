@@ -57,7 +57,11 @@ def register(
         client.get_registered_model(name)
     except MlflowException as exc:
         reraise_refusal(exc)
-        client.create_registered_model(name, description=DESCRIPTION)
+        try:
+            client.create_registered_model(name, description=DESCRIPTION)
+        except MlflowException as made:  # meanwhile, by an experiment evaluated in parallel
+            if made.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
     existing = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
     if existing:
         version = existing[0]

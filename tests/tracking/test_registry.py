@@ -79,6 +79,26 @@ def evaluated(client: MlflowClient, run_id: str, test_loss: float) -> int:
     ).version
 
 
+def test_a_registered_model_made_meanwhile_by_a_parallel_experiment_is_joined(
+    client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Two queued experiments evaluated at once: both look for the registered model, both miss it.
+    from mlflow.exceptions import MlflowException
+
+    client, run_ids = client
+    evaluated(client, run_ids[0], 100.0)  # the other experiment's, made in between
+
+    found, misses = client.get_registered_model, iter([True])
+
+    def missed_once(name: str):  # as it was before the other experiment made it
+        if next(misses, False):
+            raise MlflowException(f"Registered Model with name={name} not found")
+        return found(name)
+
+    monkeypatch.setattr(client, "get_registered_model", missed_once)
+    assert str(evaluated(client, run_ids[1], 99.0)) == "2"
+
+
 def test_register_tags_the_version_and_aliases_it_candidate(client) -> None:
     client, runs = client
     version = registry.register(
