@@ -13,6 +13,7 @@ from pathlib import Path
 
 import mlflow
 from mlflow.entities.model_registry import ModelVersion
+from mlflow.environment_variables import MLFLOW_HTTP_REQUEST_TIMEOUT
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
@@ -50,15 +51,17 @@ def tracking_uri() -> str:
 
 
 def check_reachable(uri: str) -> None:
-    """Fail in one line, within SERVER_TIMEOUT_S, when a tracking server does not answer."""
+    """Fail in one line, within SERVER_TIMEOUT_S (or MLflow's own request timeout,
+    MLFLOW_HTTP_REQUEST_TIMEOUT, when it is shorter), when a tracking server does not answer."""
     if not uri.startswith(("http://", "https://")):
         return
+    timeout = min(SERVER_TIMEOUT_S, MLFLOW_HTTP_REQUEST_TIMEOUT.get())
     try:
-        urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=SERVER_TIMEOUT_S).close()
+        urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout).close()
     except (OSError, urllib.error.URLError) as exc:  # refused, unknown host, timeout, HTTP error
         reason = getattr(exc, "reason", None) or exc
         if isinstance(reason, TimeoutError):
-            reason = f"no answer within {SERVER_TIMEOUT_S} s"
+            reason = f"no answer within {timeout} s"
         elif isinstance(reason, Exception):
             reason = str(reason) or type(reason).__name__
         raise TrackingError(
