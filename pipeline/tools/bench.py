@@ -34,7 +34,7 @@ from functools import partial
 from pathlib import Path
 
 # torchvision and MLflow are imported where they are used: time_exact_mode's fresh interpreters
-# import this module for lab_epoch_seconds alone (5.1 s -> 3.2 s each, 2-core AMD, 2026-12-04).
+# import this module for lab_epoch_seconds alone, and would wait for both.
 import torch
 from torch.utils.data import DataLoader
 

@@ -16,6 +16,7 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.environment_variables import MLFLOW_HTTP_REQUEST_TIMEOUT
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
+from sqlalchemy.engine import make_url
 
 from pipeline.errors import TrackingError, first_line, login_refusal
 
@@ -42,20 +43,25 @@ def store_root(cwd: Path | None = None) -> Path:
     return root
 
 
-def local_store_uri() -> str:
-    return f"sqlite:///{store_root() / 'mlflow.db'}"
-
-
 def tracking_uri() -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or local_store_uri()
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{store_root() / 'mlflow.db'}"
+
+
+def request_timeout() -> int:
+    """SERVER_TIMEOUT_S, or MLflow's own MLFLOW_HTTP_REQUEST_TIMEOUT when it is shorter (a value
+    MLflow cannot use is left for MLflow to refuse)."""
+    try:
+        asked = MLFLOW_HTTP_REQUEST_TIMEOUT.get()
+    except ValueError:
+        return SERVER_TIMEOUT_S
+    return asked if 0 < asked < SERVER_TIMEOUT_S else SERVER_TIMEOUT_S
 
 
 def check_reachable(uri: str) -> None:
-    """Fail in one line, within SERVER_TIMEOUT_S (or MLflow's own request timeout,
-    MLFLOW_HTTP_REQUEST_TIMEOUT, when it is shorter), when a tracking server does not answer."""
+    """Fail in one line, within `request_timeout()`, when a tracking server does not answer."""
     if not uri.startswith(("http://", "https://")):
         return
-    timeout = min(SERVER_TIMEOUT_S, MLFLOW_HTTP_REQUEST_TIMEOUT.get())
+    timeout = request_timeout()
     try:
         urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout).close()
     except (OSError, urllib.error.URLError) as exc:  # refused, unknown host, timeout, HTTP error
@@ -76,38 +82,48 @@ def connect(experiment: str) -> str:
     check_reachable(uri)
     mlflow.set_tracking_uri(uri)
     try:
-        with first_opening(uri):
+        with one_opener_at_a_time(uri):
             found = mlflow.get_experiment_by_name(experiment)
     except Exception as exc:  # SQLAlchemy's or MLflow's: the store itself is unusable
         raise store_error(uri, exc) from None
     if found is not None:
         return found.experiment_id
-    # Only the local store gets an explicit artifact folder (a server decides its own): MLflow's
-    # default, ./mlruns, would be the queue worker's copy of the repository, deleted afterwards.
-    # (Not decided by MLFLOW_TRACKING_URI: mlflow.set_tracking_uri sets it, above.)
-    location = (store_root() / "mlruns").as_uri() if uri == local_store_uri() else None
+    # A store without a server gets the repository's mlruns/: MLflow's default, ./mlruns, would be
+    # a queue worker's copy of the repository, deleted afterwards. A server decides its own.
+    served = uri.startswith(("http://", "https://", "databricks"))
+    location = None if served else (store_root() / "mlruns").as_uri()
     try:
         return mlflow.create_experiment(experiment, artifact_location=location)
-    except MlflowException:  # created meanwhile by a parallel experiment
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_ALREADY_EXISTS":  # else made meanwhile by a parallel run
+            raise store_error(uri, exc) from None
         return mlflow.get_experiment_by_name(experiment).experiment_id
 
 
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a SQLite store's URI (`sqlite:///mlflow.db?timeout=20` too)."""
+    if not uri.startswith("sqlite:"):
+        return None
+    database = make_url(uri).database
+    return Path(database) if database and database != ":memory:" else None
+
+
 @contextmanager
-def first_opening(uri: str) -> Iterator[None]:
+def one_opener_at_a_time(uri: str) -> Iterator[None]:
     """Open a SQLite store one process at a time: queue workers started together (`dvc queue
     start -j 2`) on a store that does not exist yet would each create its tables, and all but one
-    fail ('table ... already exists'). The lock is advisory (flock) on the database file itself,
-    which SQLite's own locks (fcntl) do not see; the others wait and then find the tables."""
-    if not uri.startswith("sqlite:///"):
+    fail ('table ... already exists'). The lock is an flock on the store's folder: closing a
+    descriptor of the database file itself would drop this process's SQLite (POSIX) locks on it."""
+    path = sqlite_path(uri)
+    if path is None:
         yield
         return
-    # O_CREAT: an empty file, which SQLite takes for an empty database; read-only suffices to lock
-    database = os.open(uri.removeprefix("sqlite:///"), os.O_RDONLY | os.O_CREAT, 0o666)
+    folder = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        fcntl.flock(database, fcntl.LOCK_EX)
+        fcntl.flock(folder, fcntl.LOCK_EX)
         yield
     finally:
-        os.close(database)
+        os.close(folder)
 
 
 def store_error(uri: str, exc: Exception) -> TrackingError:
@@ -122,10 +138,9 @@ def store_error(uri: str, exc: Exception) -> TrackingError:
             "or use a tracking server (MLFLOW_TRACKING_URI) for parallel runs"
         )
     if "file is not a database" in text or "no such table" in text:
-        path = uri.removeprefix("sqlite:///")
         return TrackingError(
-            f"{path} is not an MLflow database; move it away (a new store is created on the next "
-            "run) or set MLFLOW_TRACKING_URI to your store"
+            f"{sqlite_path(uri)} is not an MLflow database; move it away (a new store is created "
+            "on the next run) or set MLFLOW_TRACKING_URI to your store"
         )
     return TrackingError(f"the MLflow store {uri} cannot be used ({first_line(exc)[:200]})")
 

@@ -243,7 +243,7 @@ def test_a_wrong_or_missing_password_is_one_line_naming_the_server_and_the_varia
 def test_a_new_user_gets_nothing_it_was_not_given(
     team_repo: Path, stack: Stack, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # Imported here: mlflow.server takes 1.3 s to import, which the fast loop would pay too.
+    # Imported here, not at the top: the fast loop collects this module too.
     from mlflow.server.auth.client import AuthServiceClient
 
     admin = {"MLFLOW_TRACKING_USERNAME": "admin"}

@@ -90,35 +90,23 @@ def alive(pid: int) -> bool:
 
 
 @pytest.mark.slow
-def test_servers_stop_when_the_process_that_started_them_is_ended(tmp_path: Path) -> None:
-    # One stack per ending, both started at once: servers, not torch jobs (34 s -> 17 s on the
-    # 2-core AMD VM, 2026-12-04). tmp_path is under pytest's 0700 root: the stacks must start
-    # from a private folder too.
-    endings = {signal.SIGTERM: tmp_path / "terminated", signal.SIGKILL: tmp_path / "killed"}
-    owners = {
-        ending: subprocess.Popen(
-            [sys.executable, "-c", STACK_IN_A_PROCESS, str(root)], stdout=subprocess.PIPE, text=True
-        )
-        for ending, root in endings.items()
-    }
-    try:
-        servers = {ending: json.loads(owner.stdout.readline()) for ending, owner in owners.items()}
-        for started in servers.values():
-            assert set(started) == {"PostgreSQL", "SeaweedFS", "MLflow"}
-            assert all(alive(pid) for pid in started.values())
-        for ending, owner in owners.items():
-            owner.send_signal(ending)  # no cleanup runs: SIGTERM's default is to die at once
-            owner.wait()
-        pids = {
-            (ending.name, name): pid for ending, started in servers.items()
-            for name, pid in started.items()
-        }  # fmt: skip
-        deadline = time.monotonic() + 60
-        while any(alive(pid) for pid in pids.values()) and time.monotonic() < deadline:
-            time.sleep(0.5)
-        assert [server for server, pid in pids.items() if alive(pid)] == []
-    finally:
-        for owner in owners.values():
-            owner.kill()
-        for root in endings.values():
-            remove_data(root)
+@pytest.mark.parametrize("ending", [signal.SIGTERM, signal.SIGKILL])
+def test_servers_stop_when_the_process_that_started_them_is_ended(
+    tmp_path: Path, ending: signal.Signals
+) -> None:
+    # tmp_path is under pytest's 0700 root: the stack must start from a private folder too.
+    owner = subprocess.Popen(
+        [sys.executable, "-c", STACK_IN_A_PROCESS, str(tmp_path / "stack")],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    servers = json.loads(owner.stdout.readline())
+    assert set(servers) == {"PostgreSQL", "SeaweedFS", "MLflow"}
+    assert all(alive(pid) for pid in servers.values())
+    owner.send_signal(ending)  # no cleanup runs: SIGTERM's default is to die at once
+    owner.wait()
+    deadline = time.monotonic() + 60
+    while any(alive(pid) for pid in servers.values()) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert [name for name, pid in servers.items() if alive(pid)] == []
+    remove_data(tmp_path / "stack")

@@ -12,13 +12,15 @@ import pytest
 from helpers.repo import store
 from pipeline.paths import REPO_ROOT
 
-# Each process waits for the go file, then opens the store, as a train stage does first.
+# Each process says it is ready once it has imported MLflow, waits for the go file, then opens
+# the store as a train stage does first: the three meet on it within milliseconds.
 OPEN_AT_THE_SIGNAL = """
-import sys, time
+import time
 from pathlib import Path
 from pipeline.tracking import store
+print("ready", flush=True)
 while not Path("go").exists():
-    time.sleep(0.01)
+    time.sleep(0.001)
 print(store.connect("mnist-vae"))
 """
 
@@ -28,19 +30,16 @@ def test_processes_opening_a_new_store_together_create_it_once(tmp_path: Path) -
     # `dvc queue start -j 2` in a fresh clone: the stages' first MLflow calls meet on no store.
     env = {key: value for key, value in os.environ.items() if key != "MLFLOW_TRACKING_URI"}
     env["PYTHONPATH"] = str(REPO_ROOT)
-    workers = [
-        subprocess.Popen(
-            [sys.executable, "-c", OPEN_AT_THE_SIGNAL],
-            cwd=tmp_path,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for _ in range(3)
-    ]
-    (tmp_path / "go").touch()
-    results = [worker.communicate(timeout=120) for worker in workers]
+    command = [sys.executable, "-c", OPEN_AT_THE_SIGNAL]
+    pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
+    workers = [subprocess.Popen(command, cwd=tmp_path, env=env, **pipes) for _ in range(3)]
+    try:
+        assert [worker.stdout.readline() for worker in workers] == ["ready\n"] * 3
+        (tmp_path / "go").touch()
+        results = [worker.communicate(timeout=120) for worker in workers]
+    finally:
+        for worker in workers:
+            worker.kill()
     assert [worker.returncode for worker in workers] == [0, 0, 0], results
     (experiment_id,) = {out.strip() for out, _ in results}
     assert store(tmp_path).get_experiment(experiment_id).name == "mnist-vae"
