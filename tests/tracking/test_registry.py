@@ -99,6 +99,21 @@ def test_a_registered_model_made_meanwhile_by_a_parallel_experiment_is_joined(
     assert str(evaluated(client, run_ids[1], 99.0)) == "2"
 
 
+def test_a_registered_model_that_cannot_be_made_is_not_taken_for_one_made_meanwhile(
+    client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mlflow.exceptions import MlflowException
+
+    client, run_ids = client
+
+    def refused(name: str, **_):
+        raise MlflowException(f"cannot write {name}", error_code="INTERNAL_ERROR")
+
+    monkeypatch.setattr(client, "create_registered_model", refused)
+    with pytest.raises(MlflowException, match="cannot write vae"):
+        evaluated(client, run_ids[0], 100.0)
+
+
 def test_register_tags_the_version_and_aliases_it_candidate(client) -> None:
     client, runs = client
     version = registry.register(
