@@ -90,6 +90,12 @@ def first_line(exc: BaseException) -> str:
 _REFUSED = re.compile(r"endpoint (\S+) failed with error code (401|403)")
 
 
+def already_exists(exc: Exception) -> bool:
+    """Whether MLflow refused to make something because it exists (made meanwhile by a parallel
+    run, or at an earlier start)."""
+    return getattr(exc, "error_code", None) == "RESOURCE_ALREADY_EXISTS"
+
+
 def login_refusal(exc: BaseException) -> TrackingError | None:
     """One line for a tracking server that refused the login (401) or the user's rights (403),
     naming the server and the variables to set; None for anything else."""

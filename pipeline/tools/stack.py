@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from unittest.mock import patch
 
-from pipeline.errors import StackError
+from pipeline.errors import StackError, already_exists
 from pipeline.tools.postgres import pgpass_file, postgres, write_secret
 from pipeline.tools.servers import answers, check_free, free_port, start, stop, wait_until
 
@@ -274,7 +274,7 @@ def grant(auth, user: str, resource_type: str, resource_id: str, permission: str
     try:
         auth.grant_user_permission(user, resource_type, resource_id, permission)
     except MlflowException as exc:
-        if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+        if not already_exists(exc):
             raise
         auth.revoke_user_permission(user, resource_type, resource_id)
         auth.grant_user_permission(user, resource_type, resource_id, permission)

@@ -16,7 +16,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from pipeline.config import Params, RegistryConfig
-from pipeline.errors import ConfigError, RegistryError
+from pipeline.errors import ConfigError, RegistryError, already_exists
 from pipeline.tracking.provenance import file_digest, git_tags
 from pipeline.tracking.store import DESCRIPTION, reraise_refusal
 from pipeline.vae.evaluation import SCALAR_METRICS
@@ -59,8 +59,8 @@ def register(
         reraise_refusal(exc)
         try:
             client.create_registered_model(name, description=DESCRIPTION)
-        except MlflowException as made:  # meanwhile, by an experiment evaluated in parallel
-            if made.error_code != "RESOURCE_ALREADY_EXISTS":
+        except MlflowException as exc:
+            if not already_exists(exc):  # else made by an experiment evaluated in parallel
                 raise
     existing = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
     if existing:

@@ -18,7 +18,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from sqlalchemy.engine import make_url
 
-from pipeline.errors import TrackingError, first_line, login_refusal
+from pipeline.errors import TrackingError, already_exists, first_line, login_refusal
 
 SERVER_TIMEOUT_S = 10  # connect + read; well inside the 30 s the user is promised
 # The registered model's description (the registry, and the team stack, which imports no torch).
@@ -88,14 +88,13 @@ def connect(experiment: str) -> str:
         raise store_error(uri, exc) from None
     if found is not None:
         return found.experiment_id
-    # A store without a server gets the repository's mlruns/: MLflow's default, ./mlruns, would be
-    # a queue worker's copy of the repository, deleted afterwards. A server decides its own.
-    served = uri.startswith(("http://", "https://", "databricks"))
-    location = None if served else (store_root() / "mlruns").as_uri()
+    # A SQLite store gets the repository's mlruns/: MLflow's default, ./mlruns, would be a queue
+    # worker's copy of the repository, deleted afterwards. A server decides its own.
+    location = (store_root() / "mlruns").as_uri() if sqlite_path(uri) else None
     try:
         return mlflow.create_experiment(experiment, artifact_location=location)
     except MlflowException as exc:
-        if exc.error_code != "RESOURCE_ALREADY_EXISTS":  # else made meanwhile by a parallel run
+        if not already_exists(exc):
             raise store_error(uri, exc) from None
         return mlflow.get_experiment_by_name(experiment).experiment_id
 

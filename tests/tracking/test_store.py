@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from helpers.repo import store
-from pipeline.paths import REPO_ROOT
+from helpers.repo import environment, store
 
 # Each process says it is ready once it has imported MLflow, waits for the go file, then opens
 # the store as a train stage does first: the three meet on it within milliseconds.
@@ -28,11 +26,11 @@ print(store.connect("mnist-vae"))
 @pytest.mark.slow
 def test_processes_opening_a_new_store_together_create_it_once(tmp_path: Path) -> None:
     # `dvc queue start -j 2` in a fresh clone: the stages' first MLflow calls meet on no store.
-    env = {key: value for key, value in os.environ.items() if key != "MLFLOW_TRACKING_URI"}
-    env["PYTHONPATH"] = str(REPO_ROOT)
     command = [sys.executable, "-c", OPEN_AT_THE_SIGNAL]
     pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
-    workers = [subprocess.Popen(command, cwd=tmp_path, env=env, **pipes) for _ in range(3)]
+    workers = [
+        subprocess.Popen(command, cwd=tmp_path, env=environment(), **pipes) for _ in range(3)
+    ]
     try:
         assert [worker.stdout.readline() for worker in workers] == ["ready\n"] * 3
         (tmp_path / "go").touch()
