@@ -72,7 +72,9 @@ def runs_of(repo: Path, exp_name: str) -> list:
     return client.search_runs([experiment.experiment_id], f"tags.`dvc.exp_name` = '{exp_name}'")
 
 
-def test_two_queued_experiments_run_in_parallel_into_one_store(baseline: Path) -> None:
+def test_two_queued_experiments_run_in_parallel_into_one_store_one_run_each(
+    baseline: Path,
+) -> None:
     # First in this module: the two workers' stages meet on a store that does not exist yet.
     for latent in (4, 8):
         sizes = ["-S", "train.epochs=1", "-S", f"model.latent_dim={latent}"]
@@ -90,31 +92,19 @@ def test_two_queued_experiments_run_in_parallel_into_one_store(baseline: Path) -
         (name, exp), *_ = [
             (n, e) for n, e in shown.items() if e["params"]["model"]["latent_dim"] == latent
         ]
+        assert exp["params"]["train"]["epochs"] == 1  # -S reached params.yaml and the stage
+        assert exp["metrics"]["metrics/train.json"]["epochs"] == 1
         assert 0 < exp["metrics"]["metrics/evaluate.json"]["active_units"] <= latent, status
-        runs = runs_of(baseline, name)  # in the repository's store, not the deleted copy's
+        # One MLflow run an experiment, tagged with its name, in the repository's store (not
+        # the deleted copy's): train, evaluate and sample log to it.
+        runs = runs_of(baseline, name)
         assert len(runs) == 1, name
         run = runs[0]
         assert run.info.status == "FINISHED"
-        assert (
-            run.data.params["model.latent_dim"] == str(latent) and "train/loss" in run.data.metrics
-        )
+        assert run.data.params["model.latent_dim"] == str(latent)
+        assert "train/loss" in run.data.metrics and "evaluate/log_px_iwae" in run.data.metrics
         assert store(baseline).list_artifacts(run.info.run_id, "figures")
     assert not list((baseline / ".dvc" / "tmp" / "exps").glob("tmp*/mlflow.db"))
-
-
-def test_an_experiment_is_one_mlflow_run_tagged_with_its_name(baseline: Path) -> None:
-    result = dvc(baseline, "exp", "run", *SMALL, "-S", "train.epochs=2", "-S", "model.latent_dim=2")
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "Running stage 'train'" in result.stdout
-    assert "Running stage 'download'" not in result.stdout  # the data come from the cache
-    shown = experiments(baseline)
-    (name, exp), *_ = [(n, e) for n, e in shown.items() if e["params"]["model"]["latent_dim"] == 2]
-    assert exp["params"]["train"]["epochs"] == 2
-    assert exp["metrics"]["metrics/train.json"]["epochs"] == 2
-    assert 0 < exp["metrics"]["metrics/evaluate.json"]["active_units"] <= 2
-    runs = runs_of(baseline, name)
-    assert len(runs) == 1 and runs[0].data.params["model.latent_dim"] == "2"
-    assert runs[0].info.status == "FINISHED" and "evaluate/log_px_iwae" in runs[0].data.metrics
 
 
 def test_dvc_push_then_pull_into_a_fresh_clone_restores_everything(

@@ -23,9 +23,8 @@ from mlflow.tracking import MlflowClient
 from helpers.repo import dvc, environment, git_commit, grid_steps, python_m, wait_for
 from helpers.workdir import trained_run_id
 from pipeline.paths import EVAL_METRICS, FIGURES, TRAIN_SPLIT, WEIGHTS
-from pipeline.tools.postgres import remove_data
 from pipeline.tools.servers import free_port
-from pipeline.tools.stack import ARTIFACTS, Stack, running_stack
+from pipeline.tools.stack import ARTIFACTS, Stack
 
 pytestmark = pytest.mark.slow
 
@@ -326,15 +325,13 @@ def test_each_users_s3_keys_reach_only_what_its_role_needs(stack: Stack) -> None
 
 
 def test_a_second_start_keeps_the_users_their_rights_and_their_passwords(
-    tmp_path_factory: pytest.TempPathFactory,
+    first_start: tuple[Path, dict[str, str]], stack: Stack
 ) -> None:
-    root = tmp_path_factory.mktemp("restarted")
-    try:
-        for _ in range(2):
-            with running_stack(root) as again:
-                search = f"{again.tracking_uri}/api/2.0/mlflow/experiments/search?max_results=5"
-                for role in ("writer", "reader"):
-                    assert status_of(search, (role, again.keys[f"{role}_password"])) == 200
-                assert status_of(search) == 401
-    finally:
-        remove_data(root)
+    # `stack` is the second start on the first's root (conftest.py): the first start's passwords
+    # still log in, with the rights it granted, and nobody else gets in.
+    _, first_keys = first_start
+    assert stack.keys == first_keys
+    search = f"{stack.tracking_uri}/api/2.0/mlflow/experiments/search?max_results=5"
+    for role in ("writer", "reader"):
+        assert status_of(search, (role, first_keys[f"{role}_password"])) == 200
+    assert status_of(search) == 401
