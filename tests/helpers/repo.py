@@ -1,8 +1,11 @@
-"""Copies of the repository, git, DVC, MLflow stores and servers in subprocesses."""
+"""Copies of the repository, git, DVC, MLflow stores and servers in subprocesses; the pipeline's
+command line in this process."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import io
 import os
 import shutil
 import subprocess
@@ -11,6 +14,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import pytest
 from mlflow.tracking import MlflowClient
 
 from pipeline.tools.servers import stop, watch
@@ -94,6 +98,28 @@ def python_m(cwd: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
         text=True,
         timeout=300,
     )
+
+
+def pipeline_command(cwd: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
+    """`python -m pipeline ARGS` in `cwd` with `env`, as python_m runs it, but in this process:
+    a new interpreter spends about 3 s importing torch and MLflow again. Its exit code, stdout
+    and stderr (MLflow's log lines too: they go to sys.stderr as it is at the time); the working
+    folder and environment (MLflow writes its tracking URI there) are restored after."""
+    from pipeline.commands import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(cwd)
+        patch.delenv("MLFLOW_TRACKING_URI", raising=False)  # as environment(): none from outside
+        for key, value in env.items():
+            patch.setenv(key, value)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                main(list(args))
+                code = 0
+            except SystemExit as exited:
+                code = exited.code if isinstance(exited.code, int) else 1
+    return subprocess.CompletedProcess(["mnist-vae", *args], code, out.getvalue(), err.getvalue())
 
 
 def store(repo: Path) -> MlflowClient:

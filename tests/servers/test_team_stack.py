@@ -20,7 +20,14 @@ import yaml
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from helpers.repo import dvc, environment, git_commit, grid_steps, python_m, wait_for
+from helpers.repo import (
+    dvc,
+    environment,
+    git_commit,
+    grid_steps,
+    pipeline_command,
+    wait_for,
+)
 from helpers.workdir import trained_run_id
 from pipeline.paths import EVAL_METRICS, FIGURES, TRAIN_SPLIT, WEIGHTS
 from pipeline.tools.servers import free_port
@@ -104,13 +111,13 @@ def test_the_registry_promote_and_generate_work_through_the_server(
     client = MlflowClient(stack.tracking_uri)
     for alias in ("candidate", "champion"):
         assert client.get_model_version_by_alias("mnist-vae", alias).version == "1"
-    promoted = python_m(team_repo, "pipeline", "promote", MLFLOW_TRACKING_URI=stack.tracking_uri)
+    promoted = pipeline_command(team_repo, "promote", MLFLOW_TRACKING_URI=stack.tracking_uri)
     assert promoted.returncode == 0, promoted.stderr
     assert promoted.stdout.startswith("keep @champion on v1: version 1 is already champion")
 
     out = tmp_path / "digits.png"
-    made = python_m(
-        team_repo, "pipeline", "generate", "-n", "16", "-o", str(out),
+    made = pipeline_command(
+        team_repo, "generate", "-n", "16", "-o", str(out),
         MLFLOW_TRACKING_URI=stack.tracking_uri,
     )  # fmt: skip
     assert made.returncode == 0, made.stderr
@@ -199,13 +206,13 @@ def test_the_reader_browses_runs_and_loads_the_champion_but_cannot_promote_or_de
     writer.set_registered_model_alias("mnist-vae", "candidate", second.version)
     try:
         as_reader = stack.client_env("reader")
-        promoted = python_m(team_repo, "pipeline", "promote", "--force", **as_reader)
+        promoted = pipeline_command(team_repo, "promote", "--force", **as_reader)
         assert promoted.returncode == 1, promoted.stdout
         assert promoted.stderr.count("\n") == 1, promoted.stderr
         assert "does not let user 'reader'" in promoted.stderr
         assert stack.tracking_uri in promoted.stderr and ".stack/writer.env" in promoted.stderr
         assert writer.get_model_version_by_alias("mnist-vae", "champion").version == "1"
-        made = python_m(team_repo, "pipeline", "generate", "-n", "4", "-o", "r.png", **as_reader)
+        made = pipeline_command(team_repo, "generate", "-n", "4", "-o", "r.png", **as_reader)
         assert made.returncode == 0, made.stderr
 
         client = login(monkeypatch, stack, "reader")
@@ -231,7 +238,7 @@ def test_a_wrong_or_missing_password_is_one_line_naming_the_server_and_the_varia
     if password is None:
         env["MLFLOW_TRACKING_USERNAME"] = ""
     for command in (["promote", "--dry-run"], ["generate", "-n", "1", "-o", "x.png"]):
-        refused = python_m(team_repo, "pipeline", *command, **env)
+        refused = pipeline_command(team_repo, *command, **env)
         assert refused.returncode == 1, refused.stdout
         assert refused.stderr.count("\n") == 1, refused.stderr
         line = refused.stderr
@@ -279,8 +286,8 @@ def test_the_reader_scores_and_serves_the_champion_from_the_server(
     digits = tmp_path / "digits.npy"
     np.save(digits, np.zeros((3, 28, 28), dtype=np.uint8))
     out = tmp_path / "scores.csv"
-    scored = python_m(
-        team_repo, "pipeline", "score", "--input", str(digits), "-o", str(out), **as_reader
+    scored = pipeline_command(
+        team_repo, "score", "--input", str(digits), "-o", str(out), **as_reader
     )
     assert scored.returncode == 0, scored.stderr
     assert len(out.read_text().splitlines()) == 1 + 3
