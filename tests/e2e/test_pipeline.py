@@ -20,7 +20,7 @@ from helpers.repo import (
     FIGURE_NAMES,
     dvc,
     grid_steps,
-    python_m,
+    pipeline_command,
     start_server,
     stop_server,
     store,
@@ -168,7 +168,7 @@ def test_the_registry_has_the_evaluated_model_as_candidate(reproduced: tuple[Pat
 def champion(reproduced: tuple[Path, str]) -> Path:
     """The reproduced repository, whose first evaluated model is @champion."""
     repo, _ = reproduced
-    result = python_m(repo, "pipeline", "promote")
+    result = pipeline_command(repo, "promote")
     assert result.returncode == 0, result.stderr
     # evaluate made the first model champion; promoting it again changes nothing
     assert result.stdout.startswith("keep @champion on v1: version 1 is already champion")
@@ -272,9 +272,8 @@ def test_mlflow_models_serve_answers_all_four_methods(champion: Path) -> None:
 def test_generate_writes_a_grid_of_digits(champion: Path, tmp_path: Path) -> None:
     output = tmp_path / "digits.png"
     uri = "models:/mnist-vae@champion"
-    result = python_m(
+    result = pipeline_command(
         champion,
-        "pipeline",
         "generate",
         "--model",
         uri,
@@ -337,7 +336,7 @@ def test_a_stage_that_fails_under_dvc_keeps_the_previous_outputs(
 
 def test_the_report_shows_the_lab_curve_and_the_registry(reproduced: tuple[Path, str]) -> None:
     repo, _ = reproduced
-    result = python_m(repo, "pipeline", "report", "--check")
+    result = pipeline_command(repo, "report", "--check")
     assert result.returncode == 0, result.stderr
     text = result.stdout
     assert text.startswith("# MNIST VAE: the workspace against `HEAD`")

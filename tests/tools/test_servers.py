@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -73,6 +74,7 @@ def test_a_server_that_exits_is_reported_with_its_last_error_line(tmp_path: Path
 
 STACK_IN_A_PROCESS = """
 import json, sys, time
+from collections.abc import Iterator
 from pathlib import Path
 from pipeline.tools.stack import running_stack
 with running_stack(Path(sys.argv[1])) as stack:
@@ -89,14 +91,23 @@ def alive(pid: int) -> bool:
     return True
 
 
+@pytest.fixture(scope="module")
+def stack_root(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """One stack folder for both endings: the second start finds the first's database made."""
+    # Under pytest's 0700 root: the stack must start from a private folder too.
+    root = tmp_path_factory.mktemp("stack")
+    remove_data(root)  # what a killed session may have left under a reused name
+    yield root
+    remove_data(root)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("ending", [signal.SIGTERM, signal.SIGKILL])
 def test_servers_stop_when_the_process_that_started_them_is_ended(
-    tmp_path: Path, ending: signal.Signals
+    stack_root: Path, ending: signal.Signals
 ) -> None:
-    # tmp_path is under pytest's 0700 root: the stack must start from a private folder too.
     owner = subprocess.Popen(
-        [sys.executable, "-c", STACK_IN_A_PROCESS, str(tmp_path / "stack")],
+        [sys.executable, "-c", STACK_IN_A_PROCESS, str(stack_root)],
         stdout=subprocess.PIPE,
         text=True,
     )
@@ -109,4 +120,3 @@ def test_servers_stop_when_the_process_that_started_them_is_ended(
     while any(alive(pid) for pid in servers.values()) and time.monotonic() < deadline:
         time.sleep(0.5)
     assert [name for name, pid in servers.items() if alive(pid)] == []
-    remove_data(tmp_path / "stack")
