@@ -117,8 +117,8 @@ def pipeline_command(cwd: Path, *args: str, **env: str) -> subprocess.CompletedP
             try:
                 main(list(args))
                 code = 0
-            except SystemExit as exited:
-                code = exited.code if isinstance(exited.code, int) else 1
+            except SystemExit as exited:  # read as the interpreter does: None is 0, text 1
+                code = exited.code if isinstance(exited.code, int) else int(bool(exited.code))
     return subprocess.CompletedProcess(["mnist-vae", *args], code, out.getvalue(), err.getvalue())
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import http.client
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -19,7 +18,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from helpers.repo import environment
+from helpers.repo import environment, pipeline_command
 from pipeline.config import ServeConfig
 from pipeline.tools.scoring_requests import (
     EXCERPT_CHARS,
@@ -338,12 +337,8 @@ def test_a_body_that_never_finishes_times_out_and_too_many_at_once_get_503(serve
     good(server)
 
 
-@pytest.mark.slow
-def test_the_flags_are_checked_like_params_yaml() -> None:
-    refused = subprocess.run(
-        [sys.executable, "-m", "pipeline", "serve", "--max-rows", "0"],
-        capture_output=True, text=True, env=environment(), cwd=os.getcwd(),
-    )  # fmt: skip
+def test_the_flags_are_checked_like_params_yaml(workdir: Path) -> None:
+    refused = pipeline_command(workdir, "serve", "--max-rows", "0")
     assert refused.returncode == 2
     assert refused.stderr.count("\n") == 1 and "serve.max_rows" in refused.stderr
 

@@ -74,7 +74,6 @@ def test_a_server_that_exits_is_reported_with_its_last_error_line(tmp_path: Path
 
 STACK_IN_A_PROCESS = """
 import json, sys, time
-from collections.abc import Iterator
 from pathlib import Path
 from pipeline.tools.stack import running_stack
 with running_stack(Path(sys.argv[1])) as stack:
