@@ -14,10 +14,12 @@ from pipeline.paths import REPO_ROOT
 
 # What each layer of the contract holds, lowest first (the contract lists them highest first).
 LAYERS = {
-    "foundation": "config, errors, exact, paths, runtime: params.yaml, one-line errors, set-up",
+    "foundation": "config, errors, exact, paths, runtime, validate: params.yaml and its checks, "
+    "one-line errors, set-up",
     "vae": "the science: the handout's model, the training loop, evaluation, pictures; torch",
     "data": "files on disk: MNIST and its checksums, splits, weights, checkpoints",
-    "tracking": "MLflow: the store, runs, the pyfunc model, the registry",
+    "tracking": "MLflow: the store, runs, the pyfunc model (and serving, its older import name), "
+    "the registry",
     "stages": "the five DVC stages: read params, call the layers, write outputs",
     "tools": "beside the pipeline: sweeps, the local team stack, the benchmark, this graph",
     "commands": "mnist-vae: what people run",
