@@ -102,6 +102,8 @@ def test_a_run_logs_every_epoch_the_grids_and_a_model_that_loads_back(
     pictures = [Image.open(png) for png in Path(grid).glob("generated+step+0+*.png")]
     assert {(p.size, p.mode) for p in pictures} == {((3 * 242, 3 * 242), "L")}  # 8x8 digits,
     # three times their size, grey
+    pngs = list(Path(grid).glob("*.png"))
+    assert len(pngs) == 8 and {zlib_level(png.read_bytes()) for png in pngs} == {0}  # fastest
     assert client().list_artifacts(run_id, "figures") == []  # the sample stage draws figures
 
     # Runs people can tell apart: a name, a description, the data, the machine's load.
@@ -131,6 +133,15 @@ def test_a_run_logs_every_epoch_the_grids_and_a_model_that_loads_back(
     assert len(rows) == 4
     kept = torch.load(CHECKPOINT, weights_only=True)  # kept: a longer run can extend it
     assert (kept["epoch"], kept["epochs"], kept["run_id"]) == (3, 3, run_id)
+
+
+def zlib_level(png: bytes) -> int:
+    """The FLEVEL of a PNG's zlib stream: 0 for zlib's levels 0-1, 1 for 2-5, 2 for 6 (Pillow's
+    default), 3 for 7-9."""
+    at = 8  # after the signature: chunks of length, type, data and CRC
+    while png[at + 4 : at + 8] != b"IDAT":
+        at += 12 + int.from_bytes(png[at : at + 4], "big")
+    return png[at + 9] >> 6  # the zlib header's second byte (FLG)
 
 
 def mlflow_queue_threads() -> set[threading.Thread]:
