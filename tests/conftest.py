@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 # Before anything imports pipeline: the suite runs with exact mode off (oneMKL's compatible branch
@@ -57,12 +58,27 @@ def started_runtime() -> None:
 
 
 @pytest.fixture(scope="session")
-def mlflow_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An empty, migrated MLflow SQLite store: copying it is much faster than creating one."""
+def mlflow_template(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Path:
+    """An empty, migrated MLflow SQLite store: copying it is much faster than creating one.
+
+    Kept between runs in pytest's cache (.pytest_cache), one per MLflow release: its migrations
+    take about two seconds of every run otherwise."""
+    import mlflow
     from mlflow.tracking import MlflowClient
 
     path = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
+    cache = getattr(request.config, "cache", None)  # None under `-p no:cacheprovider`
+    kept = cache.mkdir("mlflow-template") / f"mlflow-{mlflow.__version__}.db" if cache else None
+    if kept is not None and kept.exists():
+        shutil.copy(kept, path)
+        return path
     MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments()
+    if kept is not None:
+        writing = kept.with_suffix(f".{os.getpid()}")
+        shutil.copy(path, writing)
+        writing.replace(kept)  # another run finds it whole or not at all
     return path
 
 

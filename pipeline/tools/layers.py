@@ -18,8 +18,8 @@ LAYERS = {
     "one-line errors, set-up",
     "vae": "the science: the handout's model, the training loop, evaluation, pictures; torch",
     "data": "files on disk: MNIST and its checksums, splits, weights, checkpoints",
-    "tracking": "MLflow: the store, runs, the pyfunc model (and serving, its older import name), "
-    "the registry",
+    "tracking": "MLflow: the store, runs, the pyfunc model (and pipeline.serving, its older "
+    "import name), the registry",
     "stages": "the five DVC stages: read params, call the layers, write outputs",
     "tools": "beside the pipeline: sweeps, the local team stack, the benchmark, this graph",
     "commands": "mnist-vae: what people run",

@@ -47,8 +47,8 @@ def fixed_latents(latent_dim: int, seed: int, device: torch.device) -> torch.Ten
 def training_pictures(model: VAE, fixed_z: torch.Tensor, fixed_x: torch.Tensor) -> dict:
     """What the MLflow run shows at each step: digits decoded from the same latent vectors, and
     the same test digits (top row) over their reconstructions, three times their size, in grey
-    (MLflow encodes two PNGs of each picture at every step: grey takes about two thirds of RGB's
-    time)."""
+    (MLflow encodes a PNG and a WebP thumbnail of each picture at every step: grey takes about
+    two thirds of RGB's time)."""
     model.eval()
     mu, _ = model.encode(fixed_x)
     pairs = torch.cat([fixed_x, model.decode(mu)])

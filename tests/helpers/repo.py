@@ -3,15 +3,21 @@ command line in this process."""
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import functools
 import io
+import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -100,26 +106,85 @@ def python_m(cwd: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
     )
 
 
+COMMAND_TIMEOUT_S = 300  # as python_m's
+
+
 def pipeline_command(cwd: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
-    """`python -m pipeline ARGS` in `cwd` with `env`, as python_m runs it, but in this process:
-    a new interpreter spends about 3 s importing torch and MLflow again. Its exit code, stdout
-    and stderr (MLflow's log lines too: they go to sys.stderr as it is at the time); the working
-    folder and environment (MLflow writes its tracking URI there) are restored after."""
+    """`python -m pipeline ARGS` in `cwd` with `env` (and no outside tracking URI), run in this
+    process: a new interpreter spends about 3 s importing torch and MLflow again. Its exit code,
+    stdout and stderr as a fresh interpreter would show them: MLflow's log lines, other loggers'
+    warnings, and warnings under Python's default filters. The working folder, the environment
+    and MLflow's tracking URI (commands set it) are restored after."""
+    import mlflow.tracking._tracking_service.utils as tracking_uri_state
+
     from pipeline.commands import main
 
     out, err = io.StringIO(), io.StringIO()
-    with pytest.MonkeyPatch.context() as patch:
+    stderr_log = logging.StreamHandler(err)  # Python's last-resort handler, in a fresh process
+    stderr_log.setLevel(logging.WARNING)
+
+    def timed_out(signum: int, frame: object) -> None:
+        raise TimeoutError(f"mnist-vae {' '.join(args)} still ran after {COMMAND_TIMEOUT_S} s")
+
+    with pytest.MonkeyPatch.context() as patch, warnings.catch_warnings(record=True) as caught:
         patch.chdir(cwd)
-        patch.delenv("MLFLOW_TRACKING_URI", raising=False)  # as environment(): none from outside
+        patch.setenv("MLFLOW_TRACKING_URI", "")  # recorded, so that the undo restores it
+        patch.delenv("MLFLOW_TRACKING_URI")  # as environment(): none from outside
+        patch.setattr(tracking_uri_state, "_tracking_uri", None)
         for key, value in env.items():
             patch.setenv(key, value)
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            try:
-                main(list(args))
-                code = 0
-            except SystemExit as exited:  # read as the interpreter does: None is 0, text 1
-                code = exited.code if isinstance(exited.code, int) else int(bool(exited.code))
+        warnings.resetwarnings()  # Python's defaults: shown, except these categories
+        for quiet in (
+            DeprecationWarning,
+            PendingDeprecationWarning,
+            ImportWarning,
+            ResourceWarning,
+        ):
+            warnings.filterwarnings("ignore", category=quiet)
+        previous_alarm = signal.signal(signal.SIGALRM, timed_out)
+        logging.getLogger().addHandler(stderr_log)
+        signal.alarm(COMMAND_TIMEOUT_S)
+        try:
+            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+                try:
+                    main(list(args))
+                    code = 0
+                except SystemExit as exited:  # read as the interpreter does: None is 0, text 1
+                    code = exited.code if isinstance(exited.code, int) else int(bool(exited.code))
+        finally:
+            signal.alarm(0)
+            signal.signal(signal.SIGALRM, previous_alarm)
+            logging.getLogger().removeHandler(stderr_log)
+        for warning in caught:
+            err.write(warnings.formatwarning(
+                warning.message, warning.category, warning.filename, warning.lineno
+            ))  # fmt: skip
     return subprocess.CompletedProcess(["mnist-vae", *args], code, out.getvalue(), err.getvalue())
+
+
+def status_of(url: str, login: tuple[str, str] | None = None) -> int:
+    """The HTTP status of a GET of `url`, with a basic-auth `login` (user, password) if given."""
+    request = urllib.request.Request(url)
+    if login:
+        token = base64.b64encode(":".join(login).encode()).decode()
+        request.add_header("Authorization", f"Basic {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=10) as answer:
+            return answer.status
+    except urllib.error.HTTPError as refused:
+        return refused.code
+
+
+@dataclass(frozen=True)
+class FirstStart:
+    """What the team stack's first start on a new root left (tests/servers/conftest.py): its keys,
+    and an experiment, a run and an artifact (in PostgreSQL and S3) that a second start must find
+    again."""
+
+    root: Path
+    keys: dict[str, str]
+    experiment_id: str
+    run_id: str
 
 
 def store(repo: Path) -> MlflowClient:

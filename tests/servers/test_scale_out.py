@@ -76,6 +76,7 @@ def test_two_queued_experiments_run_in_parallel_into_one_store_one_run_each(
     baseline: Path,
 ) -> None:
     # First in this module: the two workers' stages meet on a store that does not exist yet.
+    # (`dvc exp run` without the queue, its data from DVC's cache: tests/e2e/test_paper.py.)
     for latent in (4, 8):
         sizes = ["-S", "train.epochs=1", "-S", f"model.latent_dim={latent}"]
         queued = dvc(baseline, "exp", "run", "--queue", *SMALL, *sizes)

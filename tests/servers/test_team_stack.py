@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import json
 import shutil
 import subprocess
@@ -21,11 +20,13 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from helpers.repo import (
+    FirstStart,
     dvc,
     environment,
     git_commit,
     grid_steps,
     pipeline_command,
+    status_of,
     wait_for,
 )
 from helpers.workdir import trained_run_id
@@ -154,18 +155,6 @@ def test_a_dvc_remote_on_s3_restores_everything_in_a_fresh_clone(
 
 
 # The login: MLflow's basic-auth app, tested as MLflow tests it, against the live server.
-
-
-def status_of(url: str, login: tuple[str, str] | None = None) -> int:
-    request = urllib.request.Request(url)
-    if login:
-        token = base64.b64encode(":".join(login).encode()).decode()
-        request.add_header("Authorization", f"Basic {token}")
-    try:
-        with urllib.request.urlopen(request, timeout=10) as answer:
-            return answer.status
-    except urllib.error.HTTPError as refused:
-        return refused.code
 
 
 def login(monkeypatch: pytest.MonkeyPatch, stack: Stack, role: str) -> MlflowClient:
@@ -332,13 +321,17 @@ def test_each_users_s3_keys_reach_only_what_its_role_needs(stack: Stack) -> None
 
 
 def test_a_second_start_keeps_the_users_their_rights_and_their_passwords(
-    first_start: tuple[Path, dict[str, str]], stack: Stack
+    first_start: FirstStart, stack: Stack
 ) -> None:
     # `stack` is the second start on the first's root (conftest.py): the first start's passwords
-    # still log in, with the rights it granted, and nobody else gets in.
-    _, first_keys = first_start
-    assert stack.keys == first_keys
+    # still log in, and its experiment, run and artifact are still in PostgreSQL and S3.
+    assert stack.keys == first_start.keys
     search = f"{stack.tracking_uri}/api/2.0/mlflow/experiments/search?max_results=5"
     for role in ("writer", "reader"):
-        assert status_of(search, (role, first_keys[f"{role}_password"])) == 200
+        assert status_of(search, (role, first_start.keys[f"{role}_password"])) == 200
     assert status_of(search) == 401
+    client = MlflowClient(stack.tracking_uri)  # as the writer
+    assert client.get_experiment_by_name("mnist-vae").experiment_id == first_start.experiment_id
+    assert client.get_run(first_start.run_id).info.run_name == "before-the-restart"
+    kept = client.download_artifacts(first_start.run_id, "marker.txt")
+    assert Path(kept).read_text() == "written before the restart"

@@ -141,6 +141,7 @@ def zlib_level(png: bytes) -> int:
     at = 8  # after the signature: chunks of length, type, data and CRC
     while png[at + 4 : at + 8] != b"IDAT":
         at += 12 + int.from_bytes(png[at : at + 4], "big")
+        assert at < len(png), "no IDAT chunk"
     return png[at + 9] >> 6  # the zlib header's second byte (FLG)
 
 

@@ -10,7 +10,6 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -90,23 +89,14 @@ def alive(pid: int) -> bool:
     return True
 
 
-@pytest.fixture(scope="module")
-def stack_root(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """One stack folder for both endings: the second start finds the first's database made."""
-    # Under pytest's 0700 root: the stack must start from a private folder too.
-    root = tmp_path_factory.mktemp("stack")
-    remove_data(root)  # what a killed session may have left under a reused name
-    yield root
-    remove_data(root)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("ending", [signal.SIGTERM, signal.SIGKILL])
 def test_servers_stop_when_the_process_that_started_them_is_ended(
-    stack_root: Path, ending: signal.Signals
+    tmp_path: Path, ending: signal.Signals
 ) -> None:
+    # tmp_path is under pytest's 0700 root: the stack must start from a private folder too.
     owner = subprocess.Popen(
-        [sys.executable, "-c", STACK_IN_A_PROCESS, str(stack_root)],
+        [sys.executable, "-c", STACK_IN_A_PROCESS, str(tmp_path / "stack")],
         stdout=subprocess.PIPE,
         text=True,
     )
@@ -119,3 +109,4 @@ def test_servers_stop_when_the_process_that_started_them_is_ended(
     while any(alive(pid) for pid in servers.values()) and time.monotonic() < deadline:
         time.sleep(0.5)
     assert [name for name, pid in servers.items() if alive(pid)] == []
+    remove_data(tmp_path / "stack")
