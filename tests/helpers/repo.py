@@ -175,6 +175,28 @@ def status_of(url: str, login: tuple[str, str] | None = None) -> int:
         return refused.code
 
 
+def experiments_search(tracking_uri: str) -> str:
+    """A read any logged-in user may make on the stack's MLflow server."""
+    return f"{tracking_uri}/api/2.0/mlflow/experiments/search?max_results=5"
+
+
+def login_statuses(tracking_uri: str, keys: dict[str, str]) -> dict[str, int]:
+    """That read's status as the writer and the reader with their passwords in `keys`, and with no
+    login: LOGINS_WORK when the server knows its users."""
+    search = experiments_search(tracking_uri)
+    logins = {role: (role, keys[f"{role}_password"]) for role in ("writer", "reader")}
+    return {role: status_of(search, login) for role, login in logins.items()} | {
+        "anonymous": status_of(search)
+    }
+
+
+LOGINS_WORK = {"writer": 200, "reader": 200, "anonymous": 401}
+
+
+def still_running(servers: dict[str, subprocess.Popen]) -> list[str]:
+    return [name for name, process in servers.items() if process.poll() is None]
+
+
 @dataclass(frozen=True)
 class FirstStart:
     """What the team stack's first start on a new root left (tests/servers/conftest.py): its keys,

@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from helpers.repo import FirstStart, status_of
+from helpers.repo import LOGINS_WORK, FirstStart, login_statuses, still_running
 from pipeline.tools.postgres import remove_data
 from pipeline.tools.stack import Stack, running_stack
 
@@ -24,10 +24,7 @@ def first_start(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FirstStart
     remove_data(root)
     try:
         with running_stack(root) as first, pytest.MonkeyPatch.context() as env:
-            search = f"{first.tracking_uri}/api/2.0/mlflow/experiments/search?max_results=5"
-            for role in ("writer", "reader"):
-                assert status_of(search, (role, first.keys[f"{role}_password"])) == 200
-            assert status_of(search) == 401
+            assert login_statuses(first.tracking_uri, first.keys) == LOGINS_WORK
             for key, value in first.client_env("writer").items():
                 env.setenv(key, value)
             client = MlflowClient(first.tracking_uri)
@@ -36,7 +33,7 @@ def first_start(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FirstStart
             client.log_text(run.info.run_id, "written before the restart", "marker.txt")
             client.set_terminated(run.info.run_id)
             made = FirstStart(root, dict(first.keys), experiment_id, run.info.run_id)
-        assert [name for name, p in first.servers.items() if p.poll() is None] == []
+        assert still_running(first.servers) == []
         yield made
     finally:
         remove_data(root)  # outside `root` when `nobody` cannot enter it
@@ -53,4 +50,4 @@ def stack(first_start: FirstStart) -> Iterator[Stack]:
             if key != "MLFLOW_TRACKING_URI":
                 env.setenv(key, value)
         yield running
-    assert [name for name, p in running.servers.items() if p.poll() is None] == []
+    assert still_running(running.servers) == []

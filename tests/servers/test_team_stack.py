@@ -20,11 +20,14 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from helpers.repo import (
+    LOGINS_WORK,
     FirstStart,
     dvc,
     environment,
+    experiments_search,
     git_commit,
     grid_steps,
+    login_statuses,
     pipeline_command,
     status_of,
     wait_for,
@@ -165,7 +168,7 @@ def login(monkeypatch: pytest.MonkeyPatch, stack: Stack, role: str) -> MlflowCli
 
 
 def test_anonymous_requests_and_the_old_default_admin_password_are_refused(stack: Stack) -> None:
-    search = f"{stack.tracking_uri}/api/2.0/mlflow/experiments/search?max_results=5"
+    search = experiments_search(stack.tracking_uri)
     assert status_of(search) == 401
     assert status_of(stack.tracking_uri + "/") == 401  # the UI too
     assert status_of(search, ("admin", "password1234")) == 401
@@ -326,10 +329,7 @@ def test_a_second_start_keeps_the_users_their_rights_and_their_passwords(
     # `stack` is the second start on the first's root (conftest.py): the first start's passwords
     # still log in, and its experiment, run and artifact are still in PostgreSQL and S3.
     assert stack.keys == first_start.keys
-    search = f"{stack.tracking_uri}/api/2.0/mlflow/experiments/search?max_results=5"
-    for role in ("writer", "reader"):
-        assert status_of(search, (role, first_start.keys[f"{role}_password"])) == 200
-    assert status_of(search) == 401
+    assert login_statuses(stack.tracking_uri, first_start.keys) == LOGINS_WORK
     client = MlflowClient(stack.tracking_uri)  # as the writer
     assert client.get_experiment_by_name("mnist-vae").experiment_id == first_start.experiment_id
     assert client.get_run(first_start.run_id).info.run_name == "before-the-restart"
